@@ -1,0 +1,300 @@
+"""Typed, validated configuration of the client side (one dataclass per Hydra group).
+
+Each dataclass mirrors one ``conf/<group>/`` directory and one prefix of Flower's flat
+run-config (``model.*``, ``data.*``, ...). Validation happens in ``__post_init__`` so a
+bad value fails before any model or dataset is loaded, with a message naming the key,
+the value and what is allowed. ``ClientConfig.from_run_config`` is the one function the
+ClientApp uses to rebuild everything from ``context.run_config``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedlora.configtools import ConfigError, build_config, check_choice, check_range
+
+TASKS = ("classification", "causal_lm")
+QUANTIZATIONS = ("none", "nf4", "int8")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+PARTITIONERS = ("iid", "dirichlet")
+SCHEDULERS = ("constant", "linear", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+PRIVACY_MODES = ("none",)
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Frozen base model and how it is loaded (Hydra group ``model``)."""
+
+    name: str = field(
+        default="minilm",
+        metadata=_help(
+            "Preset (minilm, tiny_llama), a Hugging Face model id or a local directory."
+        ),
+    )
+    quantization: str = field(
+        default="nf4",
+        metadata=_help("Base weights: none (full precision), nf4 (QLoRA), int8."),
+    )
+    compute_dtype: str = field(
+        default="float32",
+        metadata=_help("Compute dtype of the 4-bit layers; float32 is exact on CPU."),
+    )
+    double_quant: bool = field(
+        default=True, metadata=_help("NF4 double quantisation of the block scales.")
+    )
+    device: str = field(
+        default="auto", metadata=_help("auto (cuda if available), cpu or cuda.")
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_help("Trade compute for activation memory.")
+    )
+    tiny_hidden_size: int = field(
+        default=128, metadata=_help("tiny_llama preset: hidden size.")
+    )
+    tiny_layers: int = field(default=2, metadata=_help("tiny_llama preset: layers."))
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ConfigError("model.name is empty; give a preset, model id or path")
+        check_choice("model.quantization", self.quantization, QUANTIZATIONS)
+        check_choice("model.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        check_choice("model.device", self.device, DEVICES)
+        check_range("model.tiny_hidden_size", self.tiny_hidden_size, low=8)
+        check_range("model.tiny_layers", self.tiny_layers, low=1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from and how they are split (Hydra group ``data``)."""
+
+    source: str = field(
+        default="synthetic",
+        metadata=_help("synthetic, synthetic_instruct, local (a file) or hf (a hub id)."),
+    )
+    task: str = field(
+        default="classification", metadata=_help("classification or causal_lm.")
+    )
+    path: str = field(
+        default="", metadata=_help("File path (source=local) or dataset id (hf).")
+    )
+    subset: str = field(default="", metadata=_help("Hub dataset configuration name."))
+    split: str = field(default="train", metadata=_help("Hub split used for training."))
+    text_column: str = field(default="text", metadata=_help("Input text column."))
+    label_column: str = field(
+        default="label", metadata=_help("Label column (classification).")
+    )
+    num_examples: int = field(
+        default=3200, metadata=_help("Synthetic sources: examples generated.")
+    )
+    num_classes: int = field(
+        default=4, metadata=_help("Synthetic classification: number of classes.")
+    )
+    test_fraction: float = field(
+        default=0.2, metadata=_help("Held-out share for centralised evaluation.")
+    )
+    max_test_examples: int = field(
+        default=1000, metadata=_help("Cap on held-out examples (evaluation cost).")
+    )
+    max_length: int = field(default=64, metadata=_help("Tokens per example."))
+    partitioner: str = field(
+        default="dirichlet", metadata=_help("iid or dirichlet (non-IID by label).")
+    )
+    dirichlet_alpha: float = field(
+        default=0.5, metadata=_help("Dirichlet concentration; smaller = more skewed.")
+    )
+
+    def __post_init__(self) -> None:
+        from fedlora.data import DATA_SOURCES
+
+        check_choice("data.source", self.source, DATA_SOURCES.names())
+        check_choice("data.task", self.task, TASKS)
+        check_choice("data.partitioner", self.partitioner, PARTITIONERS)
+        if self.source in ("local", "hf") and not self.path:
+            raise ConfigError(
+                f"data.path is empty but data.source={self.source!r} needs it "
+                "(a CSV/TSV/JSONL/Parquet file for local, a dataset id for hf)"
+            )
+        check_range("data.num_examples", self.num_examples, low=2)
+        check_range("data.num_classes", self.num_classes, low=2)
+        check_range(
+            "data.test_fraction", self.test_fraction, low=0, high=1, high_open=True
+        )
+        check_range("data.max_test_examples", self.max_test_examples, low=1)
+        check_range("data.max_length", self.max_length, low=4)
+        check_range("data.dirichlet_alpha", self.dirichlet_alpha, low=0, low_open=True)
+        if self.task == "causal_lm" and self.partitioner == "dirichlet":
+            warnings.warn(
+                "data.partitioner='dirichlet' needs labels; causal_lm data has none, "
+                "so the split falls back to iid",
+                stacklevel=2,
+            )
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """LoRA adapter and local update rule (Hydra group ``adapter``)."""
+
+    variant: str = field(default="lora", metadata=_help("Local update rule: lora."))
+    rank: int = field(default=8, metadata=_help("LoRA rank r."))
+    alpha: float = field(default=16.0, metadata=_help("LoRA alpha; scale = alpha/r."))
+    dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA input."))
+    target_modules: tuple[str, ...] = field(
+        default=(),
+        metadata=_help("Module names, 'all-linear', or empty for the preset default."),
+    )
+    use_rslora: bool = field(
+        default=False, metadata=_help("rsLoRA scaling alpha/sqrt(r) instead of alpha/r.")
+    )
+    train_head: bool = field(
+        default=True,
+        metadata=_help("Classification: train and aggregate the task head too."),
+    )
+
+    def __post_init__(self) -> None:
+        from fedlora.variants import VARIANTS
+
+        check_choice("adapter.variant", self.variant, VARIANTS.names())
+        check_range("adapter.rank", self.rank, low=1)
+        check_range("adapter.alpha", self.alpha, low=0, low_open=True)
+        check_range("adapter.dropout", self.dropout, low=0, high=1, high_open=True)
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise ConfigError(
+                f"adapter.target_modules={list(self.target_modules)}: 'all-linear' "
+                "cannot be combined with explicit module names"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local optimisation on each client (Hydra group ``train``)."""
+
+    lr: float = field(default=2e-3, metadata=_help("AdamW peak learning rate."))
+    batch_size: int = field(default=16, metadata=_help("Examples per micro-batch."))
+    grad_accum: int = field(
+        default=1, metadata=_help("Micro-batches accumulated per optimizer step.")
+    )
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    scheduler: str = field(
+        default="constant",
+        metadata=_help("LR schedule over the run's global steps: constant/linear/cosine."),
+    )
+    warmup_steps: int = field(default=0, metadata=_help("Linear warm-up (global steps)."))
+    max_grad_norm: float = field(
+        default=1.0, metadata=_help("Clip the batch gradient norm; 0 disables.")
+    )
+    eval_batch_size: int = field(default=64, metadata=_help("Evaluation batch size."))
+
+    def __post_init__(self) -> None:
+        check_range("train.lr", self.lr, low=0, low_open=True)
+        check_range("train.batch_size", self.batch_size, low=1)
+        check_range("train.grad_accum", self.grad_accum, low=1)
+        check_range("train.weight_decay", self.weight_decay, low=0)
+        check_choice("train.scheduler", self.scheduler, SCHEDULERS)
+        check_range("train.warmup_steps", self.warmup_steps, low=0)
+        check_range("train.max_grad_norm", self.max_grad_norm, low=0)
+        check_range("train.eval_batch_size", self.eval_batch_size, low=1)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Clients, rounds and participation (Hydra group ``federation``)."""
+
+    clients: int = field(default=8, metadata=_help("Number of clients (partitions)."))
+    rounds: int = field(default=5, metadata=_help("Server rounds."))
+    fraction_train: float = field(
+        default=1.0, metadata=_help("Share of available clients sampled per round.")
+    )
+    fraction_evaluate: float = field(
+        default=0.0,
+        metadata=_help("Share of clients doing federated evaluation (0 = off)."),
+    )
+    min_clients: int = field(
+        default=2, metadata=_help("Minimum replies for a round to count.")
+    )
+    local_steps: int = field(
+        default=10, metadata=_help("Optimizer steps per client per round.")
+    )
+    round_timeout: float = field(
+        default=3600.0, metadata=_help("Seconds to wait for replies in a round.")
+    )
+
+    def __post_init__(self) -> None:
+        check_range("federation.clients", self.clients, low=1)
+        check_range("federation.rounds", self.rounds, low=1)
+        check_range(
+            "federation.fraction_train", self.fraction_train, low=0, high=1,
+            low_open=True,
+        )
+        check_range("federation.fraction_evaluate", self.fraction_evaluate, low=0,
+                    high=1)
+        check_range("federation.min_clients", self.min_clients, low=1)
+        check_range("federation.local_steps", self.local_steps, low=1)
+        check_range("federation.round_timeout", self.round_timeout, low=0,
+                    low_open=True)
+        if self.min_clients > self.clients:
+            raise ConfigError(
+                f"federation.min_clients={self.min_clients} exceeds "
+                f"federation.clients={self.clients}; lower min_clients"
+            )
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-side privacy mechanism (Hydra group ``privacy``)."""
+
+    mode: str = field(default="none", metadata=_help("none: no differential privacy."))
+
+    def __post_init__(self) -> None:
+        check_choice("privacy.mode", self.mode, PRIVACY_MODES)
+
+
+# Prefixes (dataclass field names) the client reads from the run-config.
+CLIENT_GROUPS = ("seed", "model", "data", "adapter", "train", "federation", "privacy")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything a client needs: the client-side groups plus the seed."""
+
+    seed: int = field(default=0, metadata=_help("Seed for data, init and sampling."))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        from fedlora.models import MODEL_PRESETS
+
+        if self.model.name in MODEL_PRESETS:
+            tasks = MODEL_PRESETS.get(self.model.name).tasks
+            if self.data.task not in tasks:
+                raise ConfigError(
+                    f"model.name={self.model.name!r} supports data.task in "
+                    f"{list(tasks)}, not {self.data.task!r}; pick another model or data"
+                )
+        if self.data.source == "synthetic" and self.data.task != "classification":
+            raise ConfigError(
+                "data.source='synthetic' is a classification task; use "
+                "data.source='synthetic_instruct' for causal_lm"
+            )
+        if self.data.source == "synthetic_instruct" and self.data.task != "causal_lm":
+            raise ConfigError(
+                "data.source='synthetic_instruct' is a causal_lm task; set "
+                "data.task=causal_lm"
+            )
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ClientConfig:
+        """Rebuild from Flower's flat run-config (keys of other groups ignored)."""
+        own = {k: v for k, v in run_config.items() if k.split(".")[0] in CLIENT_GROUPS}
+        return build_config(cls, own)

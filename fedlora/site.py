@@ -1,0 +1,61 @@
+"""Per-site settings from Flower's node-config (nothing site-specific is hard-coded).
+
+In simulation Flower sets ``partition-id`` and ``num-partitions`` for each virtual
+node. A real SuperNode passes its own keys with ``--node-config "k=v ..."``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedlora.configtools import ConfigError
+
+NODE_KEYS = ("partition-id", "num-partitions", "data-path", "device")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """What one client (site) knows about itself.
+
+    Parameters
+    ----------
+    partition_id : int (default: 0)
+        Which partition of the shared dataset this site trains on (simulation).
+    num_partitions : int (default: 1)
+        Number of partitions the dataset is split into.
+    data_path : str (default: "")
+        The site's own data file; when set it is used whole, no partitioning.
+    device : str (default: "")
+        Overrides ``model.device`` at this site (``cpu`` or ``cuda``).
+    """
+
+    partition_id: int = 0
+    num_partitions: int = 1
+    data_path: str = ""
+    device: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.partition_id < self.num_partitions:
+            raise ConfigError(
+                f"node-config partition-id={self.partition_id} must be in "
+                f"[0, num-partitions={self.num_partitions})"
+            )
+        if self.device not in ("", "cpu", "cuda", "auto"):
+            raise ConfigError(
+                f"node-config device={self.device!r}; allowed: cpu, cuda, auto"
+            )
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
+        """Build from ``context.node_config``; unknown keys are ignored by Flower."""
+        try:
+            return cls(
+                partition_id=int(node_config.get("partition-id", 0)),
+                num_partitions=int(node_config.get("num-partitions", 1)),
+                data_path=str(node_config.get("data-path", "")),
+                device=str(node_config.get("device", "")),
+            )
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"Invalid node-config {dict(node_config)}: {err}") from err

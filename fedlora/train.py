@@ -1,0 +1,180 @@
+"""Local training (K optimizer steps) and evaluation of a PEFT model.
+
+Plain torch loops, so DP-SGD (Opacus) can later wrap the same optimizer and data path.
+The data order of a client in a round is drawn from ``(seed, round, client)``: a
+client selected again in a later round must not replay the same first batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from fedlora.config import TrainConfig
+
+Batch = dict[str, Tensor]
+Collate = Callable[[list[Batch]], Batch]
+
+
+class TrainResult(NamedTuple):
+    """Outcome of one client's local round."""
+
+    loss: float  # mean training loss over the optimizer steps
+    steps: int  # optimizer steps taken
+    examples: int  # examples processed (with repetition)
+    seconds: float  # wall time of the loop
+
+
+class EvalResult(NamedTuple):
+    """Loss and task metric of a model on a dataset."""
+
+    loss: float  # mean per example (classification) or per token (causal LM)
+    accuracy: float | None  # classification only
+    perplexity: float | None  # causal LM only: exp(loss)
+    num_examples: int
+
+
+def derive_seed(*parts: int | str) -> int:
+    """Stable 63-bit seed from parts (independent of PYTHONHASHSEED)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def batch_indices(
+    n: int, batch_size: int, num_batches: int, generator: torch.Generator
+) -> Iterator[Tensor]:
+    """Successive batches drawn without replacement from repeated permutations.
+
+    Yields ``num_batches`` index tensors of shape ``(min(batch_size, n),)``.
+    """
+    size = min(batch_size, n)
+    perm = torch.randperm(n, generator=generator)
+    pos = 0
+    for _ in range(num_batches):
+        if pos + size > n:
+            perm, pos = torch.randperm(n, generator=generator), 0
+        yield perm[pos : pos + size]
+        pos += size
+
+
+def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` at 0-based global ``step`` of ``total_steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.scheduler == "linear":
+        return 1.0 - progress
+    if cfg.scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor of ``batch`` to ``device``."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train_local(
+    model: nn.Module,
+    dataset: Dataset[Batch],
+    collate: Collate,
+    *,
+    cfg: TrainConfig,
+    steps: int,
+    start_step: int,
+    total_steps: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> TrainResult:
+    """Run ``steps`` AdamW steps on the currently trainable parameters.
+
+    Parameters
+    ----------
+    start_step, total_steps : int
+        Global step index of the first step and length of the whole run (for the
+        LR schedule, which spans all rounds).
+    generator : torch.Generator
+        Source of the data order (seed it from seed, round and client).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("No trainable parameters: nothing to train")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(dataset)  # type: ignore[arg-type]
+    batches = batch_indices(n, cfg.batch_size, steps * cfg.grad_accum, generator)
+    model.train()
+    losses: list[float] = []
+    examples = 0
+    start = time.perf_counter()
+    for k in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(start_step + k, total_steps, cfg)
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            idx = next(batches)
+            batch = to_device(collate([dataset[int(i)] for i in idx]), device)
+            loss = model(**batch).loss / cfg.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+            examples += len(idx)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    return TrainResult(
+        loss=sum(losses) / len(losses),
+        steps=steps,
+        examples=examples,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset[Batch],
+    collate: Collate,
+    *,
+    task: str,
+    batch_size: int,
+    device: torch.device,
+) -> EvalResult:
+    """Mean loss and accuracy (classification) or perplexity (causal LM)."""
+    model.eval()
+    n = len(dataset)  # type: ignore[arg-type]
+    total_loss, correct, units = 0.0, 0, 0
+    for start in range(0, n, batch_size):
+        items: Sequence[Batch] = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        batch = to_device(collate(list(items)), device)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if task == "classification":
+            # logits: (B, C)  labels: (B,)
+            total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+            units += labels.numel()
+        else:
+            # logits: (B, L, V) predict token t+1 from position t
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            total_loss += float(
+                nn.functional.cross_entropy(
+                    shift_logits.reshape(-1, shift_logits.shape[-1]),
+                    shift_labels.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+            )
+            units += int((shift_labels != -100).sum())
+    loss = total_loss / max(1, units)
+    if task == "classification":
+        return EvalResult(loss, correct / max(1, units), None, n)
+    return EvalResult(loss, None, math.exp(min(loss, 50.0)), n)

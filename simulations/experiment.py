@@ -1,0 +1,79 @@
+"""Hydra config -> validated dataclasses -> Flower run-config (the one boundary).
+
+Only ``simulations/`` knows Hydra. It composes ``conf/``, validates through the
+same dataclasses the apps use (``ExperimentConfig``), flattens to Flower's flat
+run-config with ``fedlora.configtools.flatten_config`` and writes it as TOML for
+``flwr run --run-config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedlora.configtools import ConfigError, build_config, check_range, flatten_config
+from strategies.config import ExperimentConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the launcher runs a simulation (not part of the run-config)."""
+
+    cpus_per_client: int = field(default=1, metadata={"help": "CPU cores per client."})
+    gpus_per_client: float = field(
+        default=0.0, metadata={"help": "GPU share per client (0.5 = two per GPU)."}
+    )
+
+    def __post_init__(self) -> None:
+        check_range("launcher.cpus_per_client", self.cpus_per_client, low=1)
+        check_range("launcher.gpus_per_client", self.gpus_per_client, low=0)
+
+
+def from_hydra(container: dict[str, Any]) -> tuple[ExperimentConfig, LaunchConfig]:
+    """Validate a resolved Hydra config (as a plain dict) into dataclasses.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, the value and what is allowed (before anything loads).
+    """
+    values = {k: v for k, v in container.items() if k not in ("hydra", "launcher")}
+    experiment = build_config(ExperimentConfig, values)
+    launch = build_config(LaunchConfig, container.get("launcher") or {})
+    data = experiment.data
+    if data.source == "local" and not Path(data.path).expanduser().is_file():
+        raise ConfigError(f"data.path={data.path!r}: no such file (data.source=local)")
+    return experiment, launch
+
+
+def write_run_config(experiment: ExperimentConfig, path: Path) -> dict[str, Any]:
+    """Write the flat run-config TOML for ``flwr run --run-config``; returns it."""
+    flat = flatten_config(experiment)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(flat))
+    return flat
+
+
+def pyproject_config() -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` of the project's pyproject.toml (flattened)."""
+    import tomli
+
+    data = tomli.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    table = data["tool"]["flwr"]["app"]["config"]
+    out: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(table, "")
+    return out

@@ -1,0 +1,1 @@
+"""fedlora server side: aggregation math, Flower strategies and the ServerApp."""

@@ -1,0 +1,29 @@
+"""Registry of aggregation strategies: name -> builder from the experiment config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from fedlora.registry import Registry
+
+if TYPE_CHECKING:
+    from strategies.config import ExperimentConfig
+    from strategies.fedavg_lora import FedAvgLora
+
+Builder = Callable[["ExperimentConfig"], "FedAvgLora"]
+STRATEGIES: Registry[Builder] = Registry("strategy")
+
+
+def _fedavg(cfg: ExperimentConfig) -> FedAvgLora:
+    from strategies.fedavg_lora import FedAvgLora
+
+    return FedAvgLora.from_config(cfg)
+
+
+STRATEGIES.register("fedavg", _fedavg)
+
+
+def build_strategy(cfg: ExperimentConfig) -> FedAvgLora:
+    """Instantiate the strategy named by ``cfg.strategy.name``."""
+    return STRATEGIES.get(cfg.strategy.name)(cfg)

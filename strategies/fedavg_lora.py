@@ -1,0 +1,165 @@
+"""FedAvg-LoRA (FedIT) [Zhang et al., 2024] on top of FedAvg [McMahan et al., 2017].
+
+Paper: "Towards Building the Federated GPT: Federated Instruction Tuning",
+arXiv:2305.05644; FedAvg: "Communication-Efficient Learning of Deep Networks from
+Decentralized Data", AISTATS 2017.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedlora.adapters import StateDict, from_record, select, to_record
+from fedlora.variants import FACTORS, VARIANTS
+from strategies.aggregation import merge_into, weighted_mean
+from strategies.config import ExperimentConfig
+from strategies.validation import reply_problem
+
+
+@dataclass
+class RoundStats:
+    """Bookkeeping of one training round (what the run directory reports)."""
+
+    sampled: int = 0
+    accepted: int = 0
+    dropped: list[tuple[int, str]] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    train_loss: float | None = None
+    client_train_seconds: list[float] = field(default_factory=list)
+
+
+def _all_factors(server_round: int) -> frozenset[str]:
+    del server_round
+    return FACTORS
+
+
+class FedAvgLora(FedAvg):
+    """Example-weighted FedAvg over the adapter tensors only.
+
+    What is averaged: the LoRA factors A and B *separately* (and the task head when
+    it is trained). The product of the averaged factors is **not** the average of
+    the clients' updates ``B_i A_i`` unless the factors agree across clients; use a
+    product-level strategy when that matters. Replies are validated (keys, shapes,
+    dtype, finite values, size) before any arithmetic; a bad reply is dropped with
+    a logged reason and the round continues with the others.
+
+    Parameters
+    ----------
+    fraction_train : float (default: 1.0)
+        Share of available nodes sampled for training each round.
+    fraction_evaluate : float (default: 0.0)
+        Share of nodes sampled for federated evaluation (0 disables it).
+    min_train_nodes : int (default: 2)
+        Minimum valid replies for a round to update the global adapter.
+    min_available_nodes : int (default: 2)
+        Nodes that must be connected before sampling.
+    weighting : str (default: "num_examples")
+        ``num_examples`` weights clients by data size, ``uniform`` equally.
+    factors_for_round : Callable[[int], frozenset[str]] (default: both factors)
+        LoRA factors the clients train and send in a round (from the variant).
+    """
+
+    def __init__(
+        self,
+        *,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 0.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighting: str = "num_examples",
+        factors_for_round: Callable[[int], frozenset[str]] = _all_factors,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_train_nodes if fraction_evaluate > 0 else 0,
+            min_available_nodes=min_available_nodes,
+        )
+        self.weighting = weighting
+        self.factors_for_round = factors_for_round
+        self.global_state: StateDict | None = None
+        self.stats: dict[int, RoundStats] = {}
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> FedAvgLora:
+        """Build from the experiment config (sampling, weighting, variant)."""
+        fed = cfg.federation
+        return cls(
+            fraction_train=fed.fraction_train,
+            fraction_evaluate=fed.fraction_evaluate,
+            min_train_nodes=min(fed.min_clients, fed.clients),
+            min_available_nodes=min(fed.min_clients, fed.clients),
+            weighting=cfg.strategy.weighting,
+            factors_for_round=VARIANTS.get(cfg.adapter.variant).factors_for_round,
+        )
+
+    def _global(self) -> StateDict:
+        if self.global_state is None:
+            raise RuntimeError("global_state is unset: call configure_train first")
+        return self.global_state
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes and send each the global adapter (byte count recorded)."""
+        self.global_state = from_record(arrays)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        stats = self.stats.setdefault(server_round, RoundStats())
+        stats.sampled = len(messages)
+        stats.bytes_down = sum(recorddict_to_proto(m.content).ByteSize() for m in messages)
+        return messages
+
+    def expected_reply(self, server_round: int) -> dict[str, tuple[int, ...]]:
+        """Adapter key -> shape every client must send back this round."""
+        sent = select(self._global(), self.factors_for_round(server_round))
+        return {k: tuple(v.shape) for k, v in sent.items()}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate replies, drop bad ones with a logged reason, average the rest."""
+        replies = list(replies)
+        stats = self.stats.setdefault(server_round, RoundStats())
+        expected = self.expected_reply(server_round)
+        good: list[Message] = []
+        for msg in replies:
+            if not msg.has_error():
+                stats.bytes_up += recorddict_to_proto(msg.content).ByteSize()
+            reason = reply_problem(msg, expected)
+            if reason is None:
+                good.append(msg)
+                continue
+            node = msg.metadata.src_node_id
+            stats.dropped.append((node, reason))
+            log(WARNING, "Round %d: dropping reply of node %d: %s", server_round, node, reason)
+        stats.accepted = len(good)
+        if len(good) < max(1, self.min_train_nodes):
+            log(
+                WARNING,
+                "Round %d: %d valid replies, fewer than the minimum %d; "
+                "the global adapter is unchanged this round",
+                server_round, len(good), max(1, self.min_train_nodes),
+            )
+            return None, None
+        metrics = [m.content["metrics"] for m in good]
+        weights = [
+            float(m["num-examples"]) if self.weighting == "num_examples" else 1.0
+            for m in metrics
+        ]
+        update = weighted_mean([from_record(m.content["arrays"]) for m in good], weights)
+        new_global = merge_into(self._global(), update)
+        total = sum(weights)
+        stats.train_loss = sum(w * float(m["train-loss"]) for w, m in zip(weights, metrics)) / total
+        stats.client_train_seconds = [float(m["train-seconds"]) for m in metrics]
+        log(INFO, "Round %d: aggregated %d of %d replies", server_round, len(good), len(replies))
+        return to_record(new_global), MetricRecord({"train-loss": stats.train_loss})

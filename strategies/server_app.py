@@ -1,0 +1,77 @@
+"""Flower ServerApp: rebuild the config, run the rounds, write the run directory."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.adapters import num_params
+from strategies.config import ExperimentConfig
+from strategies.factory import build_strategy
+from strategies.federation import CentralEvaluator, run_federation
+from strategies.plots import plot_run
+from strategies.rundir import RunDir, config_dict, versions
+from strategies.table import format_table
+
+app = ServerApp()
+
+
+def resolve_output_dir(cfg: ExperimentConfig, run_id: int) -> Path:
+    """``cfg.output_dir`` or ``./outputs/flwr-run/<timestamp>-<run id>``."""
+    if cfg.output_dir:
+        return Path(cfg.output_dir).expanduser().resolve()
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return Path.cwd() / "outputs" / "flwr-run" / f"{stamp}-{run_id}"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run a federated LoRA fine-tuning job end to end."""
+    started = time.perf_counter()
+    cfg = ExperimentConfig.from_run_config(context.run_config)
+    run_dir = RunDir(resolve_output_dir(cfg, context.run_id))
+    run_dir.write_config(cfg)
+    run_dir.reset_metrics()
+    log(INFO, "fedlora: writing the run directory to %s", run_dir.root)
+    strategy = build_strategy(cfg)
+    evaluator = CentralEvaluator(cfg)
+    header_printed = [False]
+
+    def on_row(row: dict[str, object]) -> None:
+        lines = format_table([row]).splitlines()
+        if not header_printed[0]:
+            for line in lines[:2]:
+                log(INFO, "%s", line)
+            header_printed[0] = True
+        log(INFO, "%s", lines[-1])
+
+    result = run_federation(grid, cfg, strategy, evaluator, run_dir, on_row=on_row)
+    adapter_dir = run_dir.finalize_adapter(cfg.federation.rounds)
+    plot_run(result.rows, run_dir.root / "plots")
+    final = result.rows[-1]
+    run_dir.write_summary(
+        {
+            "final": {k: final.get(k) for k in
+                      ("round", "eval_loss", "eval_accuracy", "eval_perplexity", "epsilon")},
+            "initial": {k: result.rows[0].get(k) for k in
+                        ("eval_loss", "eval_accuracy", "eval_perplexity")},
+            "totals": {
+                "rounds": cfg.federation.rounds,
+                "bytes_up": sum(r.get("bytes_up", 0) for r in result.rows),
+                "bytes_down": sum(r.get("bytes_down", 0) for r in result.rows),
+                "dropped_replies": sum(r.get("clients_dropped", 0) for r in result.rows),
+                "seconds": time.perf_counter() - started,
+            },
+            "adapter": {"path": str(adapter_dir), "parameters": num_params(result.state)},
+            "seed": cfg.seed,
+            "versions": versions(),
+            "config": config_dict(cfg),
+        }
+    )
+    log(INFO, "fedlora: finished; results in %s\n%s", run_dir.root, format_table(result.rows))
