@@ -19,23 +19,20 @@ COLUMNS = (
 )
 
 
-def _cell(fmt: str, value: Any, width: int) -> str:
-    if value is None:
-        return "-".rjust(width)
-    return fmt.format(value)
+def _cell(fmt: str, value: Any) -> str:
+    return "-" if value is None else fmt.format(value).strip()
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown-compatible table; columns with no value in any row are left out."""
     cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    widths = [max(len(title), len(fmt.format(0) if "," not in fmt else "0")) for _, title, fmt in cols]
-    widths = [max(w, len(t)) for w, (_, t, _) in zip(widths, cols, strict=True)]
+    cells = [[_cell(fmt, r.get(key)) for key, _, fmt in cols] for r in rows]
+    widths = [
+        max([len(title), *(len(row[i]) for row in cells)])
+        for i, (_, title, _) in enumerate(cols)
+    ]
     lines = ["| " + " | ".join(t.rjust(w) for (_, t, _), w in zip(cols, widths, strict=True)) + " |"]
     lines.append("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
-    for row in rows:
-        cells = [
-            _cell(fmt, row.get(key), w).rjust(w)
-            for (key, _, fmt), w in zip(cols, widths, strict=True)
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    for row in cells:
+        lines.append("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |")
     return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""Every shipped Hydra config composes and validates; pyproject run-config = schema.
+
+No model or dataset is loaded here: validation runs in the dataclasses'
+``__post_init__``. All failures are collected and reported together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from fedlora.configtools import ConfigError, flatten_config
+from simulations.experiment import CONF_DIR, from_hydra, pyproject_config
+from strategies.config import ExperimentConfig
+
+GROUP_CLASSES = {
+    "model": "model",
+    "data": "data",
+    "adapter": "adapter",
+    "train": "train",
+    "federation": "federation",
+    "privacy": "privacy",
+    "strategy": "strategy",
+}
+# Options whose YAML leaves a mandatory value (???) for the user to fill in.
+REQUIRED = {
+    ("model", "hf"): ["model.name=tiny_llama"],
+    ("data", "local"): ["data.path={csv}"],
+    ("data", "hf"): ["data.path=some/dataset"],
+}
+# Options that need a compatible choice in another group to validate.
+PAIRED = {
+    ("data", "synthetic_instruct"): ["model=tiny_llama"],
+}
+EXPECTED_FILES = 14
+
+
+def _compose(overrides: list[str]) -> dict[str, Any]:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    return container
+
+
+def _options() -> list[tuple[str, str]]:
+    return sorted(
+        (p.parent.name, p.stem) for p in CONF_DIR.rglob("*.yaml") if p.parent != CONF_DIR
+    )
+
+
+def test_number_of_shipped_configs() -> None:
+    """A new conf/ file must be seen by the tests below (update the count)."""
+    assert len(list(CONF_DIR.rglob("*.yaml"))) == EXPECTED_FILES
+
+
+def test_every_option_composes_and_validates(tmp_path: Path) -> None:
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,label\na b,0\nc d,1\n")
+    failures = []
+    for group, option in _options():
+        extra = [o.format(csv=csv) for o in REQUIRED.get((group, option), [])]
+        overrides = [f"{group}={option}", *PAIRED.get((group, option), []), *extra]
+        try:
+            exp, _ = from_hydra(_compose(overrides))
+            assert isinstance(exp, ExperimentConfig)
+        except Exception as err:  # noqa: BLE001 - collect every failure
+            failures.append(f"{group}/{option}.yaml: {type(err).__name__}: {err}")
+    assert not failures, "\n".join(failures)
+
+
+def test_group_yaml_keys_equal_dataclass_fields() -> None:
+    """Every dataclass field is overridable from the CLI, and nothing else exists."""
+    failures = []
+    for group, option in _options():
+        node = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+        cls = type(getattr(ExperimentConfig(), GROUP_CLASSES[group]))
+        want = {f.name for f in dataclasses.fields(cls)}
+        got = set(node.keys())
+        if got != want:
+            failures.append(f"{group}/{option}: missing {want - got}, extra {got - want}")
+    assert not failures, "\n".join(failures)
+
+
+def test_pyproject_run_config_equals_schema_and_defaults() -> None:
+    """[tool.flwr.app.config] = flattened ExperimentConfig() = composed Hydra defaults."""
+    declared = pyproject_config()
+    schema = flatten_config(ExperimentConfig())
+    assert set(declared) == set(schema), set(declared) ^ set(schema)
+    differ = {k: (declared[k], schema[k]) for k in schema if declared[k] != schema[k]}
+    assert not differ, differ
+    hydra_default, _ = from_hydra(_compose([]))
+    assert flatten_config(hydra_default) == schema
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["model.quantization=nf5"], "model.quantization='nf5'"),
+        (["adapter.rank=-1"], "adapter.rank=-1"),
+        (["federation.clients=1"], "min_clients=2 exceeds"),
+        (["data=local", "data.path=/no/such/file.csv"], "no such file"),
+        (["+adapter.rnak=4"], "adapter.rnak"),
+    ],
+)
+def test_bad_values_fail_before_anything_loads(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("+", r"\+")):
+        from_hydra(_compose(overrides))
+
+
+def test_unknown_group_option_lists_the_available_ones() -> None:
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="Available options") as info:
+        _compose(["strategy=fedprox"])
+    assert "fedavg" in str(info.value)
