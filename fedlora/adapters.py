@@ -43,7 +43,9 @@ def adapter_state(model: PeftModel) -> StateDict:
 def select(state: Mapping[str, Tensor], factors: Iterable[str]) -> StateDict:
     """Keep the given LoRA factors and every non-factor tensor (the head)."""
     keep = set(factors)
-    return {k: v for k, v in state.items() if factor_of(k) in keep or factor_of(k) is None}
+    return {
+        k: v for k, v in state.items() if factor_of(k) in keep or factor_of(k) is None
+    }
 
 
 def load_adapter_state(model: PeftModel, state: Mapping[str, Tensor]) -> None:
@@ -79,7 +81,9 @@ def to_record(state: Mapping[str, Tensor]) -> ArrayRecord:
     """Adapter tensors -> Flower ArrayRecord (float32; numpy has no bfloat16)."""
     from flwr.app import ArrayRecord
 
-    return ArrayRecord({k: v.detach().to("cpu", torch.float32) for k, v in state.items()})
+    return ArrayRecord(
+        {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+    )
 
 
 def from_record(record: ArrayRecord) -> StateDict:

@@ -60,7 +60,9 @@ def train_round(
     load_adapter_state(bundle.model, global_state)
     factors = VARIANTS.get(cfg.adapter.variant).factors_for_round(server_round)
     set_trainable(bundle.model, factors, train_head=cfg.adapter.train_head)
-    data = partition_dataset(cfg, site.partition_id, site.num_partitions, site.data_path)
+    data = partition_dataset(
+        cfg, site.partition_id, site.num_partitions, site.data_path
+    )
     steps = cfg.federation.local_steps
     seed = derive_seed(cfg.seed, server_round, site.partition_id, "train")
     torch.manual_seed(seed)  # dropout masks
@@ -86,7 +88,9 @@ def evaluate_round(
     cfg = for_site(cfg, site)
     bundle = model_bundle(cfg)
     load_adapter_state(bundle.model, global_state)
-    data = partition_dataset(cfg, site.partition_id, site.num_partitions, site.data_path)
+    data = partition_dataset(
+        cfg, site.partition_id, site.num_partitions, site.data_path
+    )
     return evaluate(
         bundle.model,
         data,

@@ -24,8 +24,8 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on local data; reply with trained tensors."""
     cfg = ClientConfig.from_run_config(context.run_config)
     site = SiteConfig.from_node_config(context.node_config)
-    arrays_in = msg.content["arrays"]
-    server_round = int(msg.content["config"]["server-round"])
+    arrays_in = msg.content.array_records["arrays"]
+    server_round = int(str(msg.content.config_records["config"]["server-round"]))
     outcome = train_round(cfg, site, server_round, from_record(arrays_in))
     arrays_out = to_record(outcome.state)
     metrics = MetricRecord(
@@ -46,8 +46,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter on this client's data."""
     cfg = ClientConfig.from_run_config(context.run_config)
     site = SiteConfig.from_node_config(context.node_config)
-    result = evaluate_round(cfg, site, from_record(msg.content["arrays"]))
-    values: dict[str, int | float] = {
+    result = evaluate_round(cfg, site, from_record(msg.content.array_records["arrays"]))
+    values: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": result.num_examples,
         "eval-loss": result.loss,
     }

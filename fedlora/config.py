@@ -77,7 +77,9 @@ class DataConfig:
 
     source: str = field(
         default="synthetic",
-        metadata=_help("synthetic, synthetic_instruct, local (a file) or hf (a hub id)."),
+        metadata=_help(
+            "synthetic, synthetic_instruct, local (a file) or hf (a hub id)."
+        ),
     )
     task: str = field(
         default="classification", metadata=_help("classification or causal_lm.")
@@ -151,7 +153,8 @@ class AdapterConfig:
         metadata=_help("Module names, 'all-linear', or empty for the preset default."),
     )
     use_rslora: bool = field(
-        default=False, metadata=_help("rsLoRA scaling alpha/sqrt(r) instead of alpha/r.")
+        default=False,
+        metadata=_help("rsLoRA scaling alpha/sqrt(r) instead of alpha/r."),
     )
     train_head: bool = field(
         default=True,
@@ -184,9 +187,13 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     scheduler: str = field(
         default="constant",
-        metadata=_help("LR schedule over the run's global steps: constant/linear/cosine."),
+        metadata=_help(
+            "LR schedule over the run's global steps: constant/linear/cosine."
+        ),
     )
-    warmup_steps: int = field(default=0, metadata=_help("Linear warm-up (global steps)."))
+    warmup_steps: int = field(
+        default=0, metadata=_help("Linear warm-up (global steps).")
+    )
     max_grad_norm: float = field(
         default=1.0, metadata=_help("Clip the batch gradient norm; 0 disables.")
     )
@@ -230,15 +237,20 @@ class FederationConfig:
         check_range("federation.clients", self.clients, low=1)
         check_range("federation.rounds", self.rounds, low=1)
         check_range(
-            "federation.fraction_train", self.fraction_train, low=0, high=1,
+            "federation.fraction_train",
+            self.fraction_train,
+            low=0,
+            high=1,
             low_open=True,
         )
-        check_range("federation.fraction_evaluate", self.fraction_evaluate, low=0,
-                    high=1)
+        check_range(
+            "federation.fraction_evaluate", self.fraction_evaluate, low=0, high=1
+        )
         check_range("federation.min_clients", self.min_clients, low=1)
         check_range("federation.local_steps", self.local_steps, low=1)
-        check_range("federation.round_timeout", self.round_timeout, low=0,
-                    low_open=True)
+        check_range(
+            "federation.round_timeout", self.round_timeout, low=0, low_open=True
+        )
         if self.min_clients > self.clients:
             raise ConfigError(
                 f"federation.min_clients={self.min_clients} exceeds "

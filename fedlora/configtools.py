@@ -146,8 +146,9 @@ def build_config(
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     if strict:
         unknown = sorted(
-            k for k in flat
-            if k.startswith(prefix) and k[len(prefix):].split(".")[0] not in names
+            k
+            for k in flat
+            if k.startswith(prefix) and k[len(prefix) :].split(".")[0] not in names
         )
         if unknown:
             allowed = ", ".join(f"{prefix}{n}" for n in sorted(names))
@@ -180,7 +181,7 @@ def _to_flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_choice(key: str, value: str, allowed: typing.Iterable[str]) -> None:
-    """Raise ConfigError unless ``value`` is one of ``allowed`` (listed in the error)."""
+    """Raise ConfigError unless ``value`` is one of ``allowed`` (all listed)."""
     options = sorted(allowed)
     if value not in options:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {options}")

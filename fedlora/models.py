@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -155,8 +155,11 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
 
 
 def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16,
-            "float16": torch.float16}[name]
+    return {
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[name]
 
 
 def quantization_config(cfg: ModelConfig) -> Any:
@@ -183,11 +186,11 @@ def disable_cpu_4bit_repacking(model: torch.nn.Module) -> int:
 
     Returns the number of 4-bit layers patched. Must run before the first forward.
     """
-    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import Linear4bit
 
     count = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
             count += 1
     return count
@@ -252,7 +255,7 @@ def load_base_model(
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
-    return model
+    return cast("PreTrainedModel", model)
 
 
 def lora_targets(model_cfg: ModelConfig, adapter: AdapterConfig) -> list[str] | str:
@@ -285,12 +288,13 @@ def wrap_lora(
     train_head = task == "classification" and adapter.train_head
     config = LoraConfig(
         r=r,
-        lora_alpha=adapter.alpha,
+        lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # peft accepts floats
         lora_dropout=adapter.dropout,
         target_modules=lora_targets(model_cfg, adapter),
         use_rslora=adapter.use_rslora,
-        task_type=TaskType.SEQ_CLS if train_head else
-        (TaskType.CAUSAL_LM if task == "causal_lm" else None),
+        task_type=TaskType.SEQ_CLS
+        if train_head
+        else (TaskType.CAUSAL_LM if task == "causal_lm" else None),
     )
     # Without SEQ_CLS, peft adds no modules_to_save: the head stays frozen.
     with torch.random.fork_rng():

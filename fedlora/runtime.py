@@ -52,8 +52,12 @@ def _bundle(
 
 
 def model_bundle(cfg: ClientConfig, rank: int | None = None) -> ModelBundle:
-    """Cached LoRA model for ``cfg`` (one per process and configuration)."""
-    labels = fdata.num_labels(cfg.data, seed=cfg.seed) if cfg.data.task == "classification" else 0
+    """Return the cached LoRA model for ``cfg`` (one per process and config)."""
+    labels = (
+        fdata.num_labels(cfg.data, seed=cfg.seed)
+        if cfg.data.task == "classification"
+        else 0
+    )
     r = cfg.adapter.rank if rank is None else rank
     return _bundle(cfg.model, cfg.adapter, cfg.data.task, labels, cfg.seed, r)
 

@@ -58,4 +58,6 @@ class SiteConfig:
                 device=str(node_config.get("device", "")),
             )
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"Invalid node-config {dict(node_config)}: {err}") from err
+            raise ConfigError(
+                f"Invalid node-config {dict(node_config)}: {err}"
+            ) from err

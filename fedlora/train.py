@@ -153,13 +153,17 @@ def evaluate(
     n = len(dataset)  # type: ignore[arg-type]
     total_loss, correct, units = 0.0, 0, 0
     for start in range(0, n, batch_size):
-        items: Sequence[Batch] = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        items: Sequence[Batch] = [
+            dataset[i] for i in range(start, min(n, start + batch_size))
+        ]
         batch = to_device(collate(list(items)), device)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         if task == "classification":
             # logits: (B, C)  labels: (B,)
-            total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            total_loss += float(
+                nn.functional.cross_entropy(logits, labels, reduction="sum")
+            )
             correct += int((logits.argmax(-1) == labels).sum())
             units += labels.numel()
         else:

@@ -52,7 +52,8 @@ def find_jobs(sweep_dir: Path) -> list[Job]:
                 seed=int(summary.get("seed", 0)),
                 final=summary.get("final", {}),
                 rows=rows,
-                bytes_total=int(totals.get("bytes_up", 0)) + int(totals.get("bytes_down", 0)),
+                bytes_total=int(totals.get("bytes_up", 0))
+                + int(totals.get("bytes_down", 0)),
             )
         )
     return jobs
@@ -73,11 +74,15 @@ def summarize(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     for setting, members in sorted(groups.items()):
         row: dict[str, Any] = {
             "setting": setting,
-            "seeds": ",".join(str(j.seed) for j in sorted(members, key=lambda j: j.seed)),
+            "seeds": ",".join(
+                str(j.seed) for j in sorted(members, key=lambda j: j.seed)
+            ),
             "runs": len(members),
         }
         for key in METRICS:
-            values = [float(j.final[key]) for j in members if j.final.get(key) is not None]
+            values = [
+                float(j.final[key]) for j in members if j.final.get(key) is not None
+            ]
             if values:
                 row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(values)
         row["mbytes_mean"] = statistics.fmean(j.bytes_total for j in members) / 1e6
@@ -94,7 +99,9 @@ def to_markdown(table: Sequence[dict[str, Any]]) -> str:
         cells = [r["setting"], str(r["runs"])]
         for m in metrics:
             cells.append(
-                f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f}" if f"{m}_mean" in r else "-"
+                f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f}"
+                if f"{m}_mean" in r
+                else "-"
             )
         cells.append(f"{r['mbytes_mean']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -108,8 +115,11 @@ def plot(jobs: Sequence[Job], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "eval_accuracy" if any(j.final.get("eval_accuracy") is not None for j in jobs) \
+    key = (
+        "eval_accuracy"
+        if any(j.final.get("eval_accuracy") is not None for j in jobs)
         else "eval_perplexity"
+    )
     fig, ax = plt.subplots(figsize=(7, 4))
     for job in jobs:
         xs = [r["round"] for r in job.rows if r.get(key) is not None]
@@ -131,7 +141,11 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> dict[str, Path
     out = out_dir or sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     table = summarize(jobs)
-    paths = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
+    paths = {
+        "md": out / "report.md",
+        "csv": out / "report.csv",
+        "png": out / "report.png",
+    }
     paths["md"].write_text(to_markdown(table) + "\n")
     fields = sorted({k for r in table for k in r}, key=lambda k: (k != "setting", k))
     with paths["csv"].open("w", newline="") as fh:

@@ -92,9 +92,15 @@ def product_mean(
     return out
 
 
-def merge_into(global_state: Mapping[str, Tensor], update: Mapping[str, Tensor]) -> StateDict:
-    """New global dict: ``update`` replaces the keys it has, the rest is kept."""
+def merge_into(
+    global_state: Mapping[str, Tensor], update: Mapping[str, Tensor]
+) -> StateDict:
+    """Return a new global dict: ``update`` replaces its keys, the rest is kept."""
     unknown = sorted(set(update) - set(global_state))
     if unknown:
-        raise AggregationError(f"Update has keys the global adapter lacks: {unknown[:5]}")
-    return {k: (update[k] if k in update else v).clone() for k, v in global_state.items()}
+        raise AggregationError(
+            f"Update has keys the global adapter lacks: {unknown[:5]}"
+        )
+    return {
+        k: (update[k] if k in update else v).clone() for k, v in global_state.items()
+    }

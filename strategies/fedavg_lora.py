@@ -37,6 +37,12 @@ class RoundStats:
     client_train_seconds: list[float] = field(default_factory=list)
 
 
+def metric(record: MetricRecord, key: str, default: float = float("nan")) -> float:
+    """Scalar metric ``key`` as float (``default`` if absent or not a scalar)."""
+    value = record.get(key)
+    return float(value) if isinstance(value, (int, float)) else default
+
+
 def _all_factors(server_round: int) -> frozenset[str]:
     del server_round
     return FACTORS
@@ -116,7 +122,9 @@ class FedAvgLora(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.sampled = len(messages)
-        stats.bytes_down = sum(recorddict_to_proto(m.content).ByteSize() for m in messages)
+        stats.bytes_down = sum(
+            recorddict_to_proto(m.content).ByteSize() for m in messages
+        )
         return messages
 
     def expected_reply(self, server_round: int) -> dict[str, tuple[int, ...]]:
@@ -141,25 +149,41 @@ class FedAvgLora(FedAvg):
                 continue
             node = msg.metadata.src_node_id
             stats.dropped.append((node, reason))
-            log(WARNING, "Round %d: dropping reply of node %d: %s", server_round, node, reason)
+            log(
+                WARNING,
+                "Round %d: dropping reply of node %d: %s",
+                server_round,
+                node,
+                reason,
+            )
         stats.accepted = len(good)
         if len(good) < max(1, self.min_train_nodes):
             log(
                 WARNING,
                 "Round %d: %d valid replies, fewer than the minimum %d; "
                 "the global adapter is unchanged this round",
-                server_round, len(good), max(1, self.min_train_nodes),
+                server_round,
+                len(good),
+                max(1, self.min_train_nodes),
             )
             return None, None
-        metrics = [m.content["metrics"] for m in good]
+        metrics = [m.content.metric_records["metrics"] for m in good]
         weights = [
-            float(m["num-examples"]) if self.weighting == "num_examples" else 1.0
+            metric(m, "num-examples") if self.weighting == "num_examples" else 1.0
             for m in metrics
         ]
-        update = weighted_mean([from_record(m.content["arrays"]) for m in good], weights)
-        new_global = merge_into(self._global(), update)
-        total = sum(weights)
-        stats.train_loss = sum(w * float(m["train-loss"]) for w, m in zip(weights, metrics)) / total
-        stats.client_train_seconds = [float(m["train-seconds"]) for m in metrics]
-        log(INFO, "Round %d: aggregated %d of %d replies", server_round, len(good), len(replies))
+        states = [from_record(m.content.array_records["arrays"]) for m in good]
+        new_global = merge_into(self._global(), weighted_mean(states, weights))
+        losses = [metric(m, "train-loss") for m in metrics]
+        stats.train_loss = sum(
+            w * x for w, x in zip(weights, losses, strict=True)
+        ) / sum(weights)
+        stats.client_train_seconds = [metric(m, "train-seconds") for m in metrics]
+        log(
+            INFO,
+            "Round %d: aggregated %d of %d replies",
+            server_round,
+            len(good),
+            len(replies),
+        )
         return to_record(new_global), MetricRecord({"train-loss": stats.train_loss})

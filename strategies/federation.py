@@ -33,7 +33,7 @@ class CentralEvaluator:
         self.collate = collator(cfg)
 
     def initial_state(self) -> StateDict:
-        """The freshly initialised adapter (A random from the seed, B zero)."""
+        """Return the freshly initialised adapter (A random from the seed, B zero)."""
         from fedlora.adapters import adapter_state
 
         return adapter_state(self.bundle.model)
@@ -84,9 +84,16 @@ def run_federation(
     """Run ``cfg.federation.rounds`` rounds and record each in ``run_dir``."""
     state = evaluator.initial_state()
     t0 = time.perf_counter()
-    first = {"round": 0, "train_loss": None, **_eval_fields(evaluator(state)),
-             "epsilon": None, "clients": 0, "bytes_up": 0, "bytes_down": 0,
-             "seconds": time.perf_counter() - t0}
+    first = {
+        "round": 0,
+        "train_loss": None,
+        **_eval_fields(evaluator(state)),
+        "epsilon": None,
+        "clients": 0,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "seconds": time.perf_counter() - t0,
+    }
     rows = [first]
     run_dir.append_metrics(first)
     on_row(first)
@@ -142,4 +149,8 @@ def _federated_evaluation(
     metrics = strategy.aggregate_evaluate(rnd, replies)
     if metrics is None:
         return {}
-    return {f"fed_{k.replace('-', '_')}": v for k, v in metrics.items() if k != "num-examples"}
+    return {
+        f"fed_{k.replace('-', '_')}": v
+        for k, v in metrics.items()
+        if k != "num-examples"
+    }

@@ -19,8 +19,11 @@ def plot_run(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rounds = [r["round"] for r in rows]
-    metric = "eval_accuracy" if any(r.get("eval_accuracy") is not None for r in rows) \
+    metric = (
+        "eval_accuracy"
+        if any(r.get("eval_accuracy") is not None for r in rows)
         else "eval_perplexity"
+    )
 
     def series(key: str) -> list[float]:
         return [float("nan") if r.get(key) is None else float(r[key]) for r in rows]

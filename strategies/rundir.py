@@ -25,12 +25,22 @@ import yaml
 
 from strategies.config import ExperimentConfig
 
-VERSIONED = ("fedlora", "flwr", "torch", "transformers", "peft", "bitsandbytes",
-             "opacus", "tenseal", "hydra-core")
+VERSIONED = (
+    "fedlora",
+    "flwr",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "opacus",
+    "tenseal",
+    "hydra-core",
+)
 
 
 def config_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     """Nested plain dict of the config (tuples become lists) for YAML/JSON."""
+
     def plain(value: Any) -> Any:
         if isinstance(value, tuple):
             return [plain(v) for v in value]
@@ -38,7 +48,8 @@ def config_dict(cfg: ExperimentConfig) -> dict[str, Any]:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return plain(dataclasses.asdict(cfg))
+    out: dict[str, Any] = plain(dataclasses.asdict(cfg))
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -101,10 +112,14 @@ class RunDir:
         """Directory of the checkpoint after ``server_round``."""
         return self.root / "checkpoints" / f"round-{server_round:03d}"
 
-    def write_checkpoint_state(self, server_round: int, state: Mapping[str, Any]) -> None:
+    def write_checkpoint_state(
+        self, server_round: int, state: Mapping[str, Any]
+    ) -> None:
         """state.json beside a checkpoint's adapter (round, strategy state)."""
         path = self.checkpoint_dir(server_round) / "state.json"
-        path.write_text(json.dumps(_json_safe({"round": server_round, **state}), indent=2))
+        path.write_text(
+            json.dumps(_json_safe({"round": server_round, **state}), indent=2)
+        )
 
     def finalize_adapter(self, server_round: int) -> Path:
         """Copy the last checkpoint's adapter files to ``adapter/``."""
@@ -112,10 +127,14 @@ class RunDir:
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(
-            self.checkpoint_dir(server_round), target, ignore=shutil.ignore_patterns("state.json")
+            self.checkpoint_dir(server_round),
+            target,
+            ignore=shutil.ignore_patterns("state.json"),
         )
         return target
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write summary.json."""
-        (self.root / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2))
+        (self.root / "summary.json").write_text(
+            json.dumps(_json_safe(summary), indent=2)
+        )

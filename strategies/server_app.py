@@ -57,21 +57,41 @@ def main(grid: Grid, context: Context) -> None:
     final = result.rows[-1]
     run_dir.write_summary(
         {
-            "final": {k: final.get(k) for k in
-                      ("round", "eval_loss", "eval_accuracy", "eval_perplexity", "epsilon")},
-            "initial": {k: result.rows[0].get(k) for k in
-                        ("eval_loss", "eval_accuracy", "eval_perplexity")},
+            "final": {
+                k: final.get(k)
+                for k in (
+                    "round",
+                    "eval_loss",
+                    "eval_accuracy",
+                    "eval_perplexity",
+                    "epsilon",
+                )
+            },
+            "initial": {
+                k: result.rows[0].get(k)
+                for k in ("eval_loss", "eval_accuracy", "eval_perplexity")
+            },
             "totals": {
                 "rounds": cfg.federation.rounds,
                 "bytes_up": sum(r.get("bytes_up", 0) for r in result.rows),
                 "bytes_down": sum(r.get("bytes_down", 0) for r in result.rows),
-                "dropped_replies": sum(r.get("clients_dropped", 0) for r in result.rows),
+                "dropped_replies": sum(
+                    r.get("clients_dropped", 0) for r in result.rows
+                ),
                 "seconds": time.perf_counter() - started,
             },
-            "adapter": {"path": str(adapter_dir), "parameters": num_params(result.state)},
+            "adapter": {
+                "path": str(adapter_dir),
+                "parameters": num_params(result.state),
+            },
             "seed": cfg.seed,
             "versions": versions(),
             "config": config_dict(cfg),
         }
     )
-    log(INFO, "fedlora: finished; results in %s\n%s", run_dir.root, format_table(result.rows))
+    log(
+        INFO,
+        "fedlora: finished; results in %s\n%s",
+        run_dir.root,
+        format_table(result.rows),
+    )

@@ -31,8 +31,16 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         max([len(title), *(len(row[i]) for row in cells)])
         for i, (_, title, _) in enumerate(cols)
     ]
-    lines = ["| " + " | ".join(t.rjust(w) for (_, t, _), w in zip(cols, widths, strict=True)) + " |"]
+    lines = [
+        "| "
+        + " | ".join(t.rjust(w) for (_, t, _), w in zip(cols, widths, strict=True))
+        + " |"
+    ]
     lines.append("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
     for row in cells:
-        lines.append("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        lines.append(
+            "| "
+            + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
+            + " |"
+        )
     return "\n".join(lines)

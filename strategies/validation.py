@@ -58,7 +58,10 @@ def reply_problem(
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
-        return f"wrong keys: missing {missing[:3]} ({len(missing)}), unexpected {extra[:3]} ({len(extra)})"
+        return (
+            f"wrong keys: missing {missing[:3]} ({len(missing)} in all), "
+            f"unexpected {extra[:3]} ({len(extra)} in all)"
+        )
     return _tensor_problem(arrays, expected)
 
 

@@ -50,7 +50,9 @@ def _compose(overrides: list[str]) -> dict[str, Any]:
 
 def _options() -> list[tuple[str, str]]:
     return sorted(
-        (p.parent.name, p.stem) for p in CONF_DIR.rglob("*.yaml") if p.parent != CONF_DIR
+        (p.parent.name, p.stem)
+        for p in CONF_DIR.rglob("*.yaml")
+        if p.parent != CONF_DIR
     )
 
 
@@ -83,12 +85,14 @@ def test_group_yaml_keys_equal_dataclass_fields() -> None:
         want = {f.name for f in dataclasses.fields(cls)}
         got = set(node.keys())
         if got != want:
-            failures.append(f"{group}/{option}: missing {want - got}, extra {got - want}")
+            failures.append(
+                f"{group}/{option}: missing {want - got}, extra {got - want}"
+            )
     assert not failures, "\n".join(failures)
 
 
 def test_pyproject_run_config_equals_schema_and_defaults() -> None:
-    """[tool.flwr.app.config] = flattened ExperimentConfig() = composed Hydra defaults."""
+    """[tool.flwr.app.config] = flat ExperimentConfig() = composed Hydra defaults."""
     declared = pyproject_config()
     schema = flatten_config(ExperimentConfig())
     assert set(declared) == set(schema), set(declared) ^ set(schema)
@@ -108,8 +112,12 @@ def test_pyproject_run_config_equals_schema_and_defaults() -> None:
         (["+adapter.rnak=4"], "adapter.rnak"),
     ],
 )
-def test_bad_values_fail_before_anything_loads(overrides: list[str], needle: str) -> None:
-    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("+", r"\+")):
+def test_bad_values_fail_before_anything_loads(
+    overrides: list[str], needle: str
+) -> None:
+    with pytest.raises(
+        ConfigError, match=needle.replace(".", r"\.").replace("+", r"\+")
+    ):
         from_hydra(_compose(overrides))
 
 

@@ -45,7 +45,9 @@ def test_train_round_sends_every_trained_tensor_and_nothing_else(initial) -> Non
 
 def test_train_round_is_reproducible_and_starts_from_the_global_state(initial) -> None:  # type: ignore[no-untyped-def]
     a = train_round(CFG, SiteConfig(1, 2), 2, initial)
-    train_round(CFG, SiteConfig(0, 2), 1, initial)  # the cached model is reused in between
+    train_round(
+        CFG, SiteConfig(0, 2), 1, initial
+    )  # the cached model is reused in between
     b = train_round(CFG, SiteConfig(1, 2), 2, initial)
     assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
     assert a.result.loss == b.result.loss
@@ -60,4 +62,6 @@ def test_data_order_depends_on_the_round(initial) -> None:  # type: ignore[no-un
 def test_evaluate_round_reports_perplexity(initial) -> None:  # type: ignore[no-untyped-def]
     result = evaluate_round(CFG, SiteConfig(0, 2), initial)
     assert result.accuracy is None and result.perplexity is not None
-    assert result.perplexity == pytest.approx(torch.tensor(result.loss).exp().item(), rel=1e-6)
+    assert result.perplexity == pytest.approx(
+        torch.tensor(result.loss).exp().item(), rel=1e-6
+    )

@@ -22,7 +22,9 @@ def test_flatten_and_build_round_trip() -> None:
 
 
 def test_nested_dicts_from_hydra_are_accepted() -> None:
-    cfg = build_config(ClientConfig, {"seed": 1, "adapter": {"rank": 2, "target_modules": ["q"]}})
+    cfg = build_config(
+        ClientConfig, {"seed": 1, "adapter": {"rank": 2, "target_modules": ["q"]}}
+    )
     assert cfg.adapter.rank == 2 and cfg.adapter.target_modules == ("q",)
 
 
@@ -34,17 +36,25 @@ def test_unknown_key_names_the_key_and_the_allowed_ones() -> None:
 @pytest.mark.parametrize(
     ("values", "pattern"),
     [
-        ({"model.quantization": "nf5"}, r"model\.quantization='nf5'.*\['int8', 'nf4', 'none'\]"),
+        (
+            {"model.quantization": "nf5"},
+            r"model\.quantization='nf5'.*\['int8', 'nf4', 'none'\]",
+        ),
         ({"adapter.rank": 0}, r"adapter\.rank=0 is out of range"),
         ({"adapter.rank": "eight"}, r"adapter\.rank='eight': expected an integer"),
         ({"federation.fraction_train": 1.5}, r"federation\.fraction_train=1\.5"),
-        ({"federation.clients": 2, "federation.min_clients": 3}, r"min_clients=3 exceeds"),
+        (
+            {"federation.clients": 2, "federation.min_clients": 3},
+            r"min_clients=3 exceeds",
+        ),
         ({"data.source": "imagenet"}, r"data\.source='imagenet'.*synthetic"),
         ({"adapter.variant": "dora"}, r"adapter\.variant='dora'.*lora"),
         ({"data.source": "local"}, r"data\.path is empty"),
     ],
 )
-def test_bad_values_fail_with_a_clear_message(values: dict[str, object], pattern: str) -> None:
+def test_bad_values_fail_with_a_clear_message(
+    values: dict[str, object], pattern: str
+) -> None:
     with pytest.raises(ConfigError, match=pattern):
         build_config(ClientConfig, values)
 
@@ -60,10 +70,18 @@ def test_preset_task_mismatch_is_rejected() -> None:
     with pytest.raises(ConfigError, match="minilm.*causal_lm"):
         build_config(
             ClientConfig,
-            {"model.name": "minilm", "data.source": "synthetic_instruct", "data.task": "causal_lm"},
+            {
+                "model.name": "minilm",
+                "data.source": "synthetic_instruct",
+                "data.task": "causal_lm",
+            },
         )
 
 
 def test_model_config_defaults_are_qlora() -> None:
     cfg = ModelConfig()
-    assert (cfg.quantization, cfg.double_quant, cfg.compute_dtype) == ("nf4", True, "float32")
+    assert (cfg.quantization, cfg.double_quant, cfg.compute_dtype) == (
+        "nf4",
+        True,
+        "float32",
+    )

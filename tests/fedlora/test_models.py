@@ -41,7 +41,9 @@ def _lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     model.train()
     model(**_batch()).loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 def test_nf4_base_is_4bit_and_only_lora_trains() -> None:
@@ -71,12 +73,16 @@ def test_4bit_gradients_survive_a_no_grad_forward() -> None:
         if isinstance(m, bnb.nn.Linear4bit):
             assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
     grads = _lora_grads(model)
-    bad = [k for k in reference if not torch.allclose(grads[k], reference[k], rtol=1e-4, atol=1e-6)]
+    bad = [
+        k
+        for k in reference
+        if not torch.allclose(grads[k], reference[k], rtol=1e-4, atol=1e-6)
+    ]
     assert not bad, f"gradients changed after a no-grad forward: {bad[:4]}"
 
 
 def test_guard_detects_the_bug_without_the_fix() -> None:
-    """Negative control: with repacking allowed, the same check fails (CPU bf16 only)."""
+    """Negative control: with repacking allowed, weights get repacked (CPU bf16)."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import has_avx512bf16  # type: ignore[attr-defined]
 
@@ -91,7 +97,8 @@ def test_guard_detects_the_bug_without_the_fix() -> None:
     with torch.no_grad():
         model(**_batch())
     packed = [
-        m for m in model.modules()
+        m
+        for m in model.modules()
         if isinstance(m, bnb.nn.Linear4bit)
         and getattr(m.weight.quant_state, "packing_format_for_cpu", False)
     ]
@@ -99,7 +106,7 @@ def test_guard_detects_the_bug_without_the_fix() -> None:
 
 
 def test_adapter_save_load_round_trip(tmp_path: Path) -> None:
-    """save_pretrained -> PeftModel.from_pretrained on a fresh base gives equal logits."""
+    """save_pretrained -> PeftModel.from_pretrained on a fresh base: same logits."""
     from peft import PeftModel
 
     model = _tiny()

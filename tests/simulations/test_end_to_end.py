@@ -25,10 +25,20 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _launch(run_dir: Path, *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess[str]:
+def _launch(
+    run_dir: Path, *overrides: str, timeout: int = 420
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.run",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -46,18 +56,28 @@ def _rows(run_dir: Path) -> list[dict[str, object]]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_minilm_qlora_federation_writes_a_loadable_run_directory(tmp_path: Path) -> None:
+def test_minilm_qlora_federation_writes_a_loadable_run_directory(
+    tmp_path: Path,
+) -> None:
     """Run dir contract; the saved adapter reproduces the server's final accuracy."""
     from peft import PeftModel
 
     from fedlora.models import load_base_model
 
     run_dir = tmp_path / "run"
-    proc = _launch(run_dir, "federation=smoke", "federation.clients=3", "data.num_examples=600")
+    proc = _launch(
+        run_dir, "federation=smoke", "federation.clients=3", "data.num_examples=600"
+    )
     assert "eval acc" in proc.stdout  # the per-round table
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
-                 "checkpoints/round-002/adapter_model.safetensors", "plots/metrics.png",
-                 "plots/bytes.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "adapter/adapter_config.json",
+        "checkpoints/round-002/adapter_model.safetensors",
+        "plots/metrics.png",
+        "plots/bytes.png",
+    ):
         assert (run_dir / name).exists(), name
     rows = _rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -67,11 +87,21 @@ def test_minilm_qlora_federation_writes_a_loadable_run_directory(tmp_path: Path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final"]["eval_accuracy"] == rows[-1]["eval_accuracy"]
 
-    cfg = build_config(ExperimentConfig, {"federation.clients": 3, "data.num_examples": 600})
-    base = load_base_model(cfg.model, task="classification", num_labels=4, seed=cfg.seed)
+    cfg = build_config(
+        ExperimentConfig, {"federation.clients": 3, "data.num_examples": 600}
+    )
+    base = load_base_model(
+        cfg.model, task="classification", num_labels=4, seed=cfg.seed
+    )
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
-    result = evaluate(model, heldout_dataset(cfg), collator(cfg), task="classification",
-                      batch_size=64, device=torch.device("cpu"))
+    result = evaluate(
+        model,
+        heldout_dataset(cfg),
+        collator(cfg),
+        task="classification",
+        batch_size=64,
+        device=torch.device("cpu"),
+    )
     assert result.accuracy == pytest.approx(summary["final"]["eval_accuracy"], abs=1e-9)
     assert result.loss == pytest.approx(summary["final"]["eval_loss"], rel=1e-4)
     assert not _leftovers(run_dir)
@@ -87,15 +117,25 @@ def test_one_client_one_round_equals_plain_local_training(tmp_path: Path) -> Non
     from fedlora.train import derive_seed, train_local
 
     overrides = {
-        "model.name": "tiny_llama", "model.tiny_hidden_size": 64,
-        "data.source": "synthetic_instruct", "data.task": "causal_lm",
-        "data.partitioner": "iid", "data.num_examples": 300,
-        "federation.clients": 1, "federation.min_clients": 1, "federation.rounds": 1,
-        "federation.local_steps": 4, "train.batch_size": 4,
+        "model.name": "tiny_llama",
+        "model.tiny_hidden_size": 64,
+        "data.source": "synthetic_instruct",
+        "data.task": "causal_lm",
+        "data.partitioner": "iid",
+        "data.num_examples": 300,
+        "federation.clients": 1,
+        "federation.min_clients": 1,
+        "federation.rounds": 1,
+        "federation.local_steps": 4,
+        "train.batch_size": 4,
     }
     run_dir = tmp_path / "run"
-    _launch(run_dir, "model=tiny_llama", "data=synthetic_instruct",
-            *(f"{k}={v}" for k, v in overrides.items()))
+    _launch(
+        run_dir,
+        "model=tiny_llama",
+        "data=synthetic_instruct",
+        *(f"{k}={v}" for k, v in overrides.items()),
+    )
     federated = load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
     cfg = build_config(ExperimentConfig, overrides)
@@ -104,11 +144,27 @@ def test_one_client_one_round_equals_plain_local_training(tmp_path: Path) -> Non
     model = wrap_lora(base, cfg.model, cfg.adapter, task="causal_lm", seed=cfg.seed)
     seed = derive_seed(cfg.seed, 1, 0, "train")
     torch.manual_seed(seed)
-    train_local(model, partition_dataset(cfg, 0, 1), collator(cfg), cfg=cfg.train, steps=4,
-                start_step=0, total_steps=4, generator=torch.Generator().manual_seed(seed),
-                device=torch.device("cpu"))
+    train_local(
+        model,
+        partition_dataset(cfg, 0, 1),
+        collator(cfg),
+        cfg=cfg.train,
+        steps=4,
+        start_step=0,
+        total_steps=4,
+        generator=torch.Generator().manual_seed(seed),
+        device=torch.device("cpu"),
+    )
     local = adapter_state(model)
     assert set(local) == set(federated)
-    bad = [k for k in local if not torch.allclose(local[k], federated[k], atol=1e-5, rtol=1e-4)]
+    bad = [
+        k
+        for k in local
+        if not torch.allclose(local[k], federated[k], atol=1e-5, rtol=1e-4)
+    ]
     assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
-    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in local.items() if "lora_B" in k)
+    assert any(
+        not torch.equal(v, torch.zeros_like(v))
+        for k, v in local.items()
+        if "lora_B" in k
+    )

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strategies.aggregation import merge_into, normalise_weights, product_mean, weighted_mean
+from strategies.aggregation import (
+    merge_into,
+    normalise_weights,
+    product_mean,
+    weighted_mean,
+)
 from strategies.exceptions import AggregationError
 
 
@@ -39,7 +44,10 @@ def test_float32_inputs_match_float64_reference_to_one_rounding() -> None:
     states = _clients(4)
     out = weighted_mean(states, [1, 2, 3, 4])
     for key in states[0]:
-        ref = sum(w * s[key].double() for w, s in zip([1, 2, 3, 4], states, strict=True)) / 10
+        ref = (
+            sum(w * s[key].double() for w, s in zip([1, 2, 3, 4], states, strict=True))
+            / 10
+        )
         assert out[key].dtype == torch.float32
         assert torch.equal(out[key], ref.float()), key
 
@@ -77,9 +85,18 @@ def test_bad_weights_are_rejected(weights: list[float]) -> None:
 
 def test_product_mean_matches_explicit_sum_with_different_ranks() -> None:
     g = torch.Generator().manual_seed(1)
-    factors = [(torch.randn(6, r, generator=g), torch.randn(r, 5, generator=g)) for r in (2, 4, 8)]
+    factors = [
+        (torch.randn(6, r, generator=g), torch.randn(r, 5, generator=g))
+        for r in (2, 4, 8)
+    ]
     weights = [1.0, 2.0, 5.0]
-    ref = sum(w * (b.double() @ a.double()) for w, (b, a) in zip(weights, factors, strict=True)) / 8
+    ref = (
+        sum(
+            w * (b.double() @ a.double())
+            for w, (b, a) in zip(weights, factors, strict=True)
+        )
+        / 8
+    )
     assert torch.allclose(product_mean(factors, weights), ref, atol=1e-12)
 
 

@@ -7,7 +7,16 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from fedlora.adapters import from_record
 from strategies.aggregation import weighted_mean
@@ -15,7 +24,11 @@ from strategies.fedavg_lora import FedAvgLora
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
-KEYS = {"m.lora_A.weight": (4, 8), "m.lora_B.weight": (6, 4), "m.classifier.weight": (3, 6)}
+KEYS = {
+    "m.lora_A.weight": (4, 8),
+    "m.lora_B.weight": (6, 4),
+    "m.classifier.weight": (3, 6),
+}
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
@@ -24,17 +37,26 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _reply(node: int, content: RecordDict | Error) -> Message:
-    sent = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node,
-                   message_type=MessageType.TRAIN)
+    sent = Message(
+        RecordDict({"config": ConfigRecord()}),
+        dst_node_id=node,
+        message_type=MessageType.TRAIN,
+    )
     return Message(content, reply_to=sent)
 
 
 def _good(node: int, seed: int, n: int) -> Message:
-    return _reply(node, RecordDict({
-        "arrays": ArrayRecord(_state(seed)),
-        "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0 + seed,
-                                 "train-seconds": 0.5}),
-    }))
+    return _reply(
+        node,
+        RecordDict(
+            {
+                "arrays": ArrayRecord(_state(seed)),
+                "metrics": MetricRecord(
+                    {"num-examples": n, "train-loss": 1.0 + seed, "train-seconds": 0.5}
+                ),
+            }
+        ),
+    )
 
 
 def _strategy() -> FedAvgLora:
@@ -49,15 +71,30 @@ def _bad_replies() -> dict[str, Message]:
     nan = _state(3)
     nan["m.lora_A.weight"][0, 0] = float("nan")
     f64 = {k: Array(v.double().numpy()) for k, v in _state(4).items()}
-    metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "train-seconds": 0.1})
+    metrics = MetricRecord(
+        {"num-examples": 10, "train-loss": 1.0, "train-seconds": 0.1}
+    )
     return {
-        "wrong keys": _reply(11, RecordDict({"arrays": ArrayRecord(wrong_keys), "metrics": metrics})),
-        "shape": _reply(12, RecordDict({"arrays": ArrayRecord(wrong_shape), "metrics": metrics})),
+        "wrong keys": _reply(
+            11, RecordDict({"arrays": ArrayRecord(wrong_keys), "metrics": metrics})
+        ),
+        "shape": _reply(
+            12, RecordDict({"arrays": ArrayRecord(wrong_shape), "metrics": metrics})
+        ),
         "NaN": _reply(13, RecordDict({"arrays": ArrayRecord(nan), "metrics": metrics})),
-        "dtype": _reply(14, RecordDict({"arrays": ArrayRecord(f64), "metrics": metrics})),
+        "dtype": _reply(
+            14, RecordDict({"arrays": ArrayRecord(f64), "metrics": metrics})
+        ),
         "client reported an error": _reply(15, Error(code=0, reason="CUDA OOM")),
-        "num-examples": _reply(16, RecordDict({"arrays": ArrayRecord(_state(5)),
-                                               "metrics": MetricRecord({"train-loss": 1.0})})),
+        "num-examples": _reply(
+            16,
+            RecordDict(
+                {
+                    "arrays": ArrayRecord(_state(5)),
+                    "metrics": MetricRecord({"train-loss": 1.0}),
+                }
+            ),
+        ),
     }
 
 
@@ -93,7 +130,12 @@ def test_too_few_valid_replies_leave_the_global_adapter_unchanged() -> None:
 def test_oversized_reply_is_refused_before_deserialising() -> None:
     strategy = _strategy()
     big = dict(_state(1), **{"m.lora_A.weight": torch.zeros(4, 8 * 1000)})
-    msg = _reply(9, RecordDict({"arrays": ArrayRecord(big), "metrics": MetricRecord({"num-examples": 1})}))
+    msg = _reply(
+        9,
+        RecordDict(
+            {"arrays": ArrayRecord(big), "metrics": MetricRecord({"num-examples": 1})}
+        ),
+    )
     strategy.aggregate_train(1, [_good(1, 7, 30), _good(2, 8, 10), msg])
     assert "bytes" in dict(strategy.stats[1].dropped)[9]
 

@@ -1,0 +1,1 @@
+"""Launchers that run fedlora through Flower's simulation runtime."""

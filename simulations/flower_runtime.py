@@ -1,0 +1,435 @@
+"""Run a Flower app on a private local SuperLink with Flower's simulation runtime.
+
+`LocalSimulation` starts its own ``flower-superlink --simulation`` on a free port
+with a private ``FLWR_HOME`` and ``RAY_TMPDIR``, submits apps with ``flwr run`` and,
+when the ``with`` block ends for any reason, stops every process it started: found
+by process tree, by a per-instance environment marker and by the Ray temp dir.
+
+Ports (flwr 1.41): the SuperLink serves the Runtime, Control and Fleet APIs and
+``/health`` on one HTTP port (``--port``, free port chosen here). Its legacy gRPC
+Control (9093) and Fleet (9092) servers only start when ``FLWR_INTERNAL_GRPC_*`` is
+``1`` (removed from the environment; Fleet never starts in simulation mode) and the
+gRPC health server only with ``--health-server-address`` (not passed). Ray, started
+by each ``flwr-simulation``, binds only OS-assigned ephemeral ports (GCS, raylet,
+object manager, runtime-env agent, workers) on all interfaces; Flower offers no
+option to restrict them, but they cannot collide. Its dashboard is minimal (no 8265).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import psutil
+
+from simulations.processes import is_alive, marked_processes, terminate
+
+CONNECTION_NAME = "fedlora-local"
+MARKER_ENV = "FEDLORA_SIMULATION_ID"
+_RAY_TMPDIR_MAX_LEN = 32  # Ray adds ~68 chars for its plasma socket; limit is 107.
+_LEGACY_GRPC_ENV = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is currently free on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    """Return the last ``lines`` lines of a text file (empty if missing)."""
+    if not path.is_file():
+        return ""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _raise_system_exit(signum: int, _frame: FrameType | None) -> None:
+    """Turn SIGTERM into ``SystemExit`` so that ``__exit__`` still cleans up."""
+    raise SystemExit(128 + signum)
+
+
+class LocalSimulation:
+    """Own a private local Flower SuperLink (simulation runtime) and its processes.
+
+    Parameters
+    ----------
+    work_dir : Path
+        Holds ``flwr_home/``, ``superlink.log``, ``superlink.stdout.log`` and, if
+        the path is short enough for Ray's socket names, ``ray/``.
+    env : Mapping[str, str] | None
+        Extra environment variables for every process we start (SuperLink,
+        SuperExec, ``flwr-simulation``, Ray workers, ``flwr`` CLI calls).
+    log : Callable[[str], Any]
+        Sink for status messages and streamed run output (default ``print``).
+    startup_timeout : float
+        Seconds to wait for the SuperLink ``/health`` endpoint.
+    """
+
+    def __init__(
+        self,
+        *,
+        work_dir: Path,
+        env: Mapping[str, str] | None = None,
+        log: Callable[[str], Any] = print,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        self.work_dir = Path(work_dir).resolve()
+        self.flwr_home = self.work_dir / "flwr_home"
+        self.superlink_log = self.work_dir / "superlink.log"
+        self.superlink_stdout = self.work_dir / "superlink.stdout.log"
+        self.port = 0
+        self.ray_tmpdir: Path | None = None
+        self._extra_env = dict(env or {})
+        self._log = log
+        self._startup_timeout = startup_timeout
+        self._sim_id = uuid.uuid4().hex
+        self._env: dict[str, str] = {}
+        self._superlink: subprocess.Popen[bytes] | None = None
+        self._run_proc: subprocess.Popen[str] | None = None
+        self._prev_sigterm: Any = None
+        self._sigterm_installed = False
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the SuperLink HTTP API (Runtime, Control and Fleet)."""
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LocalSimulation:
+        """Start the SuperLink and wait until it is healthy."""
+        if threading.current_thread() is threading.main_thread():
+            self._prev_sigterm = signal.signal(signal.SIGTERM, _raise_system_exit)
+            self._sigterm_installed = True
+        try:
+            self._prepare()
+            self._start_superlink()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop every process we started and remove the Ray temp dir."""
+        try:
+            self.stop()
+        finally:
+            if self._sigterm_installed:
+                signal.signal(signal.SIGTERM, self._prev_sigterm or signal.SIG_DFL)
+                self._sigterm_installed = False
+
+    def _prepare(self) -> None:
+        """Create the private directories and the shared environment."""
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.work_dir / "mpl").mkdir(exist_ok=True)
+        ray_dir = self.work_dir / "ray"
+        if len(str(ray_dir)) <= _RAY_TMPDIR_MAX_LEN:
+            ray_dir.mkdir(exist_ok=True)
+            self.ray_tmpdir = ray_dir
+        else:
+            self.ray_tmpdir = Path(tempfile.mkdtemp(prefix="fedlora-ray-", dir="/tmp"))
+        self._env = self._build_env()
+
+    def _build_env(self) -> dict[str, str]:
+        """Return the environment shared by every process we start."""
+        env = {k: v for k, v in os.environ.items() if k not in _LEGACY_GRPC_ENV}
+        env.update(self._extra_env)
+        no_proxy = ",".join(filter(None, [env.get("NO_PROXY"), "127.0.0.1,localhost"]))
+        bin_dir = str(Path(sys.executable).parent)  # flower-superexec, flwr-simulation
+        env.update(
+            {
+                "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]),
+                "FLWR_HOME": str(self.flwr_home),
+                "RAY_TMPDIR": str(self.ray_tmpdir),
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "MPLCONFIGDIR": str(self.work_dir / "mpl"),
+                "HF_HUB_OFFLINE": "1",
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "PYTHONUNBUFFERED": "1",
+                "NO_PROXY": no_proxy,
+                "no_proxy": no_proxy,
+                MARKER_ENV: self._sim_id,
+            }
+        )
+        return env
+
+    def _popen_kw(self) -> dict[str, Any]:
+        """Popen options for our processes: own session, so Ctrl-C reaches us only."""
+        return {
+            "env": self._env,
+            "cwd": self.work_dir,
+            "stdin": subprocess.DEVNULL,
+            "stderr": subprocess.STDOUT,
+            "start_new_session": True,
+        }
+
+    def _exe(self, name: str) -> str:
+        """Resolve a Flower console script on our ``PATH``."""
+        path = shutil.which(name, path=self._env["PATH"])
+        if path is None:
+            raise RuntimeError(f"`{name}` not found on PATH; is flwr installed?")
+        return path
+
+    def _start_superlink(self, attempts: int = 3) -> None:
+        """Launch ``flower-superlink`` on a free port; retry if it dies at startup."""
+        for attempt in range(1, attempts + 1):
+            started = time.monotonic()
+            self.port = find_free_port()
+            (self.flwr_home / "config.toml").write_text(
+                f'[superlink]\ndefault = "{CONNECTION_NAME}"\n\n'
+                f'[superlink.{CONNECTION_NAME}]\naddress = "{self.address}"\n'
+                "insecure = true\n",
+                encoding="utf-8",
+            )
+            cmd = [self._exe("flower-superlink"), "--insecure", "--simulation"]
+            cmd += ["--isolation", "subprocess", "--host", "127.0.0.1"]
+            cmd += ["--port", str(self.port), "--log-file", str(self.superlink_log)]
+            cmd += ["--disable-runtime-dependency-installation"]
+            with self.superlink_stdout.open("ab") as out:
+                self._superlink = subprocess.Popen(cmd, stdout=out, **self._popen_kw())
+            if self._wait_ready(self._superlink, last_attempt=attempt == attempts):
+                secs = time.monotonic() - started
+                self._log(f"[fedlora] SuperLink ready on {self.address} in {secs:.1f}s")
+                return
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], last_attempt: bool) -> bool:
+        """Poll ``/health``; return False if ``proc`` died early and may be retried."""
+        deadline = time.monotonic() + self._startup_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                if not last_attempt:
+                    return False
+                raise RuntimeError(
+                    f"flower-superlink exited with code {proc.returncode} at startup:"
+                    f"\n{_tail(self.superlink_stdout)}\n(see {self.superlink_stdout})"
+                )
+            try:
+                with _NO_PROXY.open(f"http://{self.address}/health", timeout=1) as res:
+                    if res.status == 200:
+                        return True
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"flower-superlink not healthy on {self.address} after "
+            f"{self._startup_timeout:.1f}s:\n{_tail(self.superlink_stdout)}\n"
+            f"(see {self.superlink_stdout} and {self.superlink_log})"
+        )
+
+    def run(
+        self,
+        app_dir: Path,
+        *,
+        run_config: Path,
+        num_supernodes: int,
+        cpus_per_client: int = 1,
+        gpus_per_client: float = 0.0,
+        log_file: Path | None = None,
+    ) -> int:
+        """Run a Flower app to completion with ``flwr run ... --stream``.
+
+        Parameters
+        ----------
+        app_dir : Path
+            Directory with the app's ``pyproject.toml``; built into a FAB (<10 MB).
+        run_config : Path
+            ``.toml`` file of run-config overrides; every key must be declared in
+            the app's ``[tool.flwr.app.config]``.
+        num_supernodes : int
+            Number of simulated SuperNodes.
+        cpus_per_client : int
+            Ray CPUs reserved per ClientApp actor.
+        gpus_per_client : float
+            Ray GPUs reserved per ClientApp actor.
+        log_file : Path | None
+            Also write the streamed output (ANSI codes stripped) to this file.
+
+        Returns
+        -------
+        int
+            The ``flwr run`` exit code (always 0: failures raise).
+
+        Raises
+        ------
+        RuntimeError
+            If the run did not start or did not end as ``finished:completed``.
+        """
+        if self._superlink is None or self._superlink.poll() is not None:
+            raise RuntimeError("SuperLink not running; use LocalSimulation in `with`.")
+        run_config = Path(run_config).resolve()
+        if run_config.suffix != ".toml" or not run_config.is_file():
+            raise ValueError(f"run_config must be an existing .toml file: {run_config}")
+        fed = (
+            f"num-supernodes={int(num_supernodes)} client-resources-num-cpus="
+            f"{int(cpus_per_client)} client-resources-num-gpus={float(gpus_per_client)}"
+        )
+        cmd = [self._exe("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION_NAME]
+        cmd += ["--run-config", str(run_config), "--federation-config", fed, "--stream"]
+        offset = self.superlink_log.stat().st_size if self.superlink_log.exists() else 0
+        try:
+            code, run_id, tail = self._stream(cmd, log_file)
+            status, details = self._run_status(run_id) if run_id else ("none", "")
+        except BaseException:  # Ctrl-C, SIGTERM, ...: stop everything, re-raise
+            self.stop()
+            raise
+        if code != 0 or status != "finished:completed":
+            raise RuntimeError(
+                f"Flower run {run_id or '(none)'} failed: flwr exit code {code}, "
+                f"status {status!r}: {details}\n--- last output ---\n"
+                + "\n".join(tail)
+                + f"\n--- SuperLink errors ---\n{self._superlink_errors(offset)}"
+            )
+        return code
+
+    def _stream(
+        self, cmd: list[str], log_file: Path | None
+    ) -> tuple[int, str, list[str]]:
+        """Run ``cmd`` and tee its output; return exit code, run id, last lines."""
+        tail: deque[str] = deque(maxlen=40)
+        run_id = ""
+        if log_file is not None:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        sink = Path(log_file).open("w", encoding="utf-8") if log_file else None
+        try:
+            self._run_proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                text=True,
+                errors="replace",
+                bufsize=1,
+                **self._popen_kw(),
+            )
+            assert self._run_proc.stdout is not None
+            for raw in self._run_proc.stdout:
+                line = raw.rstrip("\n")
+                self._log(line)
+                plain = _ANSI_RE.sub("", line)
+                tail.append(plain)
+                if sink:
+                    sink.write(plain + "\n")
+                    sink.flush()
+                if match := _RUN_ID_RE.search(plain):
+                    run_id = match.group(1)
+            return self._run_proc.wait(), run_id, list(tail)
+        finally:
+            if sink:
+                sink.close()
+
+    def _run_status(self, run_id: str, wait_s: float = 30.0) -> tuple[str, str]:
+        """Return ``(status, details)`` of a run once it is finished (or timeout)."""
+        cmd = [self._exe("flwr"), "ls", CONNECTION_NAME, "--run-id", run_id]
+        deadline = time.monotonic() + wait_s
+        while True:
+            res = subprocess.run(
+                [*cmd, "--format", "json"],
+                env=self._env,
+                cwd=self.work_dir,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            try:
+                info = json.loads(res.stdout)["runs"][0]
+                status, details = str(info["status"]), str(info["status-details"])
+            except (ValueError, KeyError, IndexError):
+                status, details = "unknown", (res.stdout + res.stderr)[-2000:]
+            if status.startswith("finished") or time.monotonic() > deadline:
+                return status, details
+            time.sleep(0.5)
+
+    def _superlink_errors(self, offset: int) -> str:
+        """Return the SuperLink log's ERROR lines written after byte ``offset``."""
+        if not self.superlink_log.is_file():
+            return ""
+        with self.superlink_log.open("rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode("utf-8", errors="replace")
+        return "\n".join(ln for ln in text.splitlines() if "ERROR" in ln)[-4000:]
+
+    def owned_processes(self) -> list[psutil.Process]:
+        """Return live processes we started (trees, env marker, Ray temp dir)."""
+        found: dict[int, psutil.Process] = {}
+        for popen in (self._superlink, self._run_proc):
+            if popen is None or popen.poll() is not None:
+                continue
+            try:
+                root = psutil.Process(popen.pid)
+                tree = [root, *root.children(recursive=True)]
+                found.update({p.pid: p for p in tree})
+            except psutil.Error:
+                pass
+        ray_dir = f"{self.ray_tmpdir}/" if self.ray_tmpdir else None
+        for proc in marked_processes(MARKER_ENV, self._sim_id, cmdline_part=ray_dir):
+            found.setdefault(proc.pid, proc)
+        found.pop(os.getpid(), None)
+        return [p for p in found.values() if is_alive(p)]
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        """Stop all owned processes (SIGTERM, then SIGKILL), clean up; idempotent.
+
+        A second Ctrl-C (or SIGTERM) while stopping is deferred, not lost: cleanup
+        finishes first, then the signal is delivered.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            self._stop(grace_s)
+            return
+        pending: list[int] = []
+        handlers = {
+            sig: signal.signal(sig, lambda signum, _f: pending.append(signum))
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            self._stop(grace_s)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            for signum in pending:
+                signal.raise_signal(signum)
+
+    def _stop(self, grace_s: float) -> None:
+        """Signal every owned process, reap our children, remove the Ray dir."""
+        for _ in range(3):  # rescan: a dying parent may still have spawned children
+            procs = self.owned_processes()
+            if not procs:
+                break
+            terminate(procs, grace_s)
+        for popen in (self._superlink, self._run_proc):
+            if popen is not None:
+                if popen.poll() is None:
+                    popen.kill()
+                popen.wait()
+                if popen.stdout is not None:
+                    popen.stdout.close()
+        if leftovers := self.owned_processes():
+            pids = [p.pid for p in leftovers]
+            self._log(f"[fedlora] WARNING: could not stop processes {pids}")
+        self._superlink = self._run_proc = None
+        if self.ray_tmpdir is not None:
+            shutil.rmtree(self.ray_tmpdir, ignore_errors=True)

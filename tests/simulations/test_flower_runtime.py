@@ -1,0 +1,78 @@
+"""LocalSimulation: a private SuperLink runs a toy app and leaves no process behind.
+
+The toy app (``toyapp/``) imports only numpy and flwr; one run takes ~15 s on 2 CPU
+cores, most of it Ray start-up inside ``flwr-simulation``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+
+from simulations.flower_runtime import LocalSimulation
+
+TOYAPP = Path(__file__).resolve().parent / "toyapp"
+USER_FLWR_HOME = Path.home() / ".flwr"
+
+
+def _write_toml(path: Path, values: dict[str, object]) -> Path:
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def _assert_all_dead(pids: set[int]) -> None:
+    alive = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{pid}: {' '.join(proc.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    assert not alive, alive
+
+
+def test_toy_app_runs_two_rounds_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    user_home_existed = USER_FLWR_HOME.exists()
+    out_file = tmp_path / "result.json"
+    run_config = _write_toml(tmp_path / "run.toml", {"out-file": str(out_file)})
+    lines: list[str] = []
+    pids: set[int] = set()
+    with LocalSimulation(work_dir=tmp_path / "sim", log=lines.append) as sim:
+        pids |= {p.pid for p in sim.owned_processes()}  # SuperLink + SuperExec
+        code = sim.run(
+            TOYAPP, run_config=run_config, num_supernodes=2, log_file=tmp_path / "log"
+        )
+        pids |= {p.pid for p in sim.owned_processes()}
+        ray_tmpdir = sim.ray_tmpdir
+
+    assert code == 0
+    result = json.loads(out_file.read_text())
+    assert result["rounds"] == [1, 2]
+    assert result["final_mean"] == pytest.approx(2.0)  # zeros + 1 per round
+    assert any("Successfully started run" in line for line in lines)
+    assert "[ROUND 2/2]" in (tmp_path / "log").read_text()
+    assert (tmp_path / "sim" / "superlink.log").is_file()
+    assert ray_tmpdir is not None and not ray_tmpdir.exists()
+    assert len(pids) >= 2
+    _assert_all_dead(pids)
+    assert USER_FLWR_HOME.exists() == user_home_existed
+
+
+def test_undeclared_run_config_key_fails_with_the_key_name(tmp_path: Path) -> None:
+    run_config = _write_toml(tmp_path / "bad.toml", {"no-such-key": 1})
+    with LocalSimulation(work_dir=tmp_path / "sim", log=lambda _: None) as sim:
+        pids = {p.pid for p in sim.owned_processes()}
+        with pytest.raises(RuntimeError, match="no-such-key") as err:
+            sim.run(TOYAPP, run_config=run_config, num_supernodes=2)
+    assert "Invalid run configuration" in str(err.value)
+    _assert_all_dead(pids)
+
+
+def test_run_outside_with_block_is_refused(tmp_path: Path) -> None:
+    sim = LocalSimulation(work_dir=tmp_path / "sim")
+    with pytest.raises(RuntimeError, match="not running"):
+        sim.run(TOYAPP, run_config=tmp_path / "x.toml", num_supernodes=2)

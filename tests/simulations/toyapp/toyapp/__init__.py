@@ -1,0 +1,1 @@
+"""Toy Flower app (numpy only) for testing the local simulation runtime."""
