@@ -65,3 +65,53 @@ def test_evaluate_round_reports_perplexity(initial) -> None:  # type: ignore[no-
     assert result.perplexity == pytest.approx(
         torch.tensor(result.loss).exp().item(), rel=1e-6
     )
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_local_file_with_custom_columns_trains(tmp_path, suffix: str) -> None:  # type: ignore[no-untyped-def]
+    """data=local reads the file's own column names and trains on its rows."""
+    import json
+
+    from fedlora.data import load_partition
+
+    rows = [
+        {
+            "sentence": f"the film number {i} was {'great' if i % 2 else 'dull'}",
+            "sentiment": "pos" if i % 2 else "neg",
+        }
+        for i in range(120)
+    ]
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    else:
+        sep = "," if suffix == ".csv" else "\t"
+        lines = [f"sentence{sep}sentiment"] + [
+            f"{r['sentence']}{sep}{r['sentiment']}" for r in rows
+        ]
+        path.write_text("\n".join(lines) + "\n")
+    cfg = build_config(
+        ExperimentConfig,
+        {
+            "model.name": "tiny_llama",
+            "model.tiny_hidden_size": 64,
+            "data.source": "local",
+            "data.path": str(path),
+            "data.text_column": "sentence",
+            "data.label_column": "sentiment",
+            "data.num_classes": 2,
+            "data.partitioner": "iid",
+            "federation.clients": 2,
+            "federation.local_steps": 2,
+            "train.batch_size": 8,
+        },
+    )
+    part = load_partition(cfg.data, seed=cfg.seed, partition_id=0, num_partitions=2)
+    texts = {r["sentence"] for r in rows}
+    assert len(part) > 0 and all(t in texts for t in part["text"])
+    assert set(part["label"]) <= {0, 1}
+    initial = adapter_state(model_bundle(cfg).model)
+    out = train_round(cfg, SiteConfig(0, 2), 1, initial)
+    assert out.num_examples == len(part)
+    assert torch.isfinite(torch.tensor(out.result.loss))
+    assert any(not torch.equal(out.state[k], initial[k]) for k in initial)

@@ -137,6 +137,8 @@ def test_one_client_one_round_equals_plain_local_training(tmp_path: Path) -> Non
         *(f"{k}={v}" for k, v in overrides.items()),
     )
     federated = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    rows = _rows(run_dir)
+    assert rows[1]["eval_perplexity"] < rows[0]["eval_perplexity"]  # QLoRA learns
 
     cfg = build_config(ExperimentConfig, overrides)
     # A fresh (uncached) model: same seed, so the same initial adapter as the server.
