@@ -306,6 +306,14 @@ def test_label_out_of_range_is_an_error(tmp_path: Path) -> None:
         fd.num_labels(_local(path), seed=0)
 
 
+@pytest.mark.parametrize("ext", [".csv", ".parquet"])
+def test_missing_labels_are_an_error(tmp_path: Path, ext: str) -> None:
+    frame = pd.DataFrame({"text": ["a", "b"], "label": pd.array([1, None], "Int64")})
+    path = _write(frame, tmp_path / f"na{ext}")
+    with pytest.raises(ValueError, match="some rows have no label"):
+        fd.load_heldout(_local(path), seed=0)
+
+
 def test_missing_column_error_names_file_column_and_columns(tmp_path: Path) -> None:
     path = _write(ROWS, tmp_path / "m.csv")
     with pytest.raises(ValueError) as err:

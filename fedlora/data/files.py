@@ -1,0 +1,214 @@
+"""Tabular data from a local file or the Hugging Face hub, mapped to the row schemas.
+
+Local files are read with pandas by extension (``.csv``, ``.tsv``, ``.jsonl``,
+``.json``, ``.parquet``); hub datasets with ``datasets.load_dataset``. Both go through
+the same column handling:
+
+- classification: ``data.text_column`` and ``data.label_column``. Integer labels must
+  lie in ``[0, num_classes)``; string labels map to ids in sorted order of the distinct
+  values (digit strings are read as integers).
+- causal_lm: the format is detected from the columns, first match wins:
+  ``instruction,output`` (+ optional ``input``, Alpaca), ``prompt,completion``, then
+  ``data.text_column`` as plain text (empty prompt, the whole text is the completion).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlora.data.sources import alpaca_prompt
+
+if TYPE_CHECKING:
+    import datasets
+    import pandas as pd
+
+    from fedlora.config import DataConfig
+
+EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
+
+def read_table(path: str) -> pd.DataFrame:
+    """Read a CSV/TSV/JSONL/JSON/Parquet file, chosen by extension, as strings as-is.
+
+    Empty CSV/TSV cells stay empty strings (not NaN); TSV is read without quoting, as
+    GLUE-style files are written; ``.json`` may hold JSON lines or one array.
+    """
+    import pandas as pd
+
+    file = Path(path)
+    suffix = file.suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise ValueError(
+            f"data file {path}: unsupported extension {suffix!r}; use one of "
+            f"{list(EXTENSIONS)}"
+        )
+    if not file.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if suffix == ".csv":
+        return pd.read_csv(file, keep_default_na=False)
+    if suffix == ".tsv":
+        return pd.read_csv(
+            file, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False
+        )
+    if suffix == ".parquet":
+        return pd.read_parquet(file)
+    # dtype=False keeps JSON values as written (no "1" -> 1, no date parsing).
+    lines = suffix == ".jsonl" or not _starts_with_bracket(file)
+    return pd.read_json(file, lines=lines, dtype=False)
+
+
+def _starts_with_bracket(file: Path) -> bool:
+    with file.open(encoding="utf-8") as handle:
+        return handle.read(4096).lstrip().startswith("[")
+
+
+def needed_columns(columns: list[str], cfg: DataConfig, origin: str) -> list[str]:
+    """Columns of ``columns`` that ``cfg.task`` reads; raise naming what is missing.
+
+    Parameters
+    ----------
+    columns : list[str]
+        Columns the data has.
+    cfg : DataConfig
+        Task and column names.
+    origin : str
+        File path or dataset id, quoted in errors.
+    """
+    if cfg.task == "classification":
+        for key, col in (
+            ("text_column", cfg.text_column),
+            ("label_column", cfg.label_column),
+        ):
+            if col not in columns:
+                raise ValueError(
+                    f"{origin}: column {col!r} (data.{key}) is missing; the columns "
+                    f"are {columns}"
+                )
+        return [cfg.text_column, cfg.label_column]
+    if {"instruction", "output"} <= set(columns):
+        return [c for c in ("instruction", "input", "output") if c in columns]
+    if {"prompt", "completion"} <= set(columns):
+        return ["prompt", "completion"]
+    if cfg.text_column in columns:
+        return [cfg.text_column]
+    raise ValueError(
+        f"{origin}: causal_lm data needs columns instruction,output (+input), "
+        f"prompt,completion or {cfg.text_column!r} (data.text_column); the columns "
+        f"are {columns}"
+    )
+
+
+def normalise(frame: pd.DataFrame, cfg: DataConfig, origin: str) -> datasets.Dataset:
+    """Map a table onto the row schema of ``cfg.task`` (see the module docstring).
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        The raw table, one example per row.
+    cfg : DataConfig
+        Task, column names and number of classes.
+    origin : str
+        File path or dataset id, quoted in errors.
+
+    Returns
+    -------
+    datasets.Dataset
+        ``{"text", "label"}`` or ``{"prompt", "completion"}`` rows, in file order.
+    """
+    import datasets
+
+    columns = needed_columns([str(c) for c in frame.columns], cfg, origin)
+    if cfg.task == "classification":
+        texts = _strings(frame[cfg.text_column])
+        raw = frame[cfg.label_column]
+        labels = label_ids(
+            raw.astype(object).where(raw.notna(), None).tolist(),  # NaN/NA -> None
+            cfg.num_classes,
+            f"{origin}: column {cfg.label_column!r}",
+        )
+        return datasets.Dataset.from_dict({"text": texts, "label": labels})
+    if columns[0] == "instruction":
+        inputs = _strings(frame["input"]) if "input" in columns else [""] * len(frame)
+        prompts = [
+            alpaca_prompt(i, x)
+            for i, x in zip(_strings(frame["instruction"]), inputs, strict=True)
+        ]
+        completions = _strings(frame["output"])
+    elif columns[0] == "prompt":
+        prompts, completions = _strings(frame["prompt"]), _strings(frame["completion"])
+    else:
+        completions = _strings(frame[cfg.text_column])
+        prompts = [""] * len(completions)
+    return datasets.Dataset.from_dict({"prompt": prompts, "completion": completions})
+
+
+def _strings(column: pd.Series) -> list[str]:
+    """Column values as str; missing values (None/NaN) become ``""``."""
+    return [str(v) for v in column.fillna("").tolist()]
+
+
+def label_ids(values: list[Any], num_classes: int, where: str) -> list[int]:
+    """Turn raw labels into class ids in ``[0, num_classes)``.
+
+    Parameters
+    ----------
+    values : list
+        One raw label per row: ints (bools, integral floats) or strings.
+    num_classes : int
+        Size of the classification head (``data.num_classes``).
+    where : str
+        File and column, quoted in errors.
+
+    Returns
+    -------
+    list[int]
+        Class ids; strings map to their index among the sorted distinct strings.
+    """
+    if any(v is None or v == "" for v in values):
+        raise ValueError(f"{where}: some rows have no label")
+    if all(isinstance(v, str) for v in values):
+        if all(v.strip().lstrip("-").isdigit() for v in values):
+            values = [int(v) for v in values]
+        else:
+            names = sorted(set(values))
+            if len(names) > num_classes:
+                raise ValueError(
+                    f"{where}: {len(names)} distinct string labels {names[:10]} but "
+                    f"data.num_classes={num_classes}; raise data.num_classes"
+                )
+            index = {name: i for i, name in enumerate(names)}
+            return [index[v] for v in values]
+    if any(isinstance(v, str) or float(v) != int(v) for v in values):
+        raise ValueError(f"{where}: labels mix strings and numbers or are not integers")
+    ids = [int(v) for v in values]
+    bad = sorted({i for i in ids if not 0 <= i < num_classes})
+    if bad:
+        raise ValueError(
+            f"{where}: labels {bad[:10]} are outside [0, {num_classes}); raise "
+            "data.num_classes or relabel the data"
+        )
+    return ids
+
+
+def load_file(path: str, cfg: DataConfig) -> datasets.Dataset:
+    """Normalised rows of a local file (the whole file, in file order)."""
+    return normalise(read_table(path), cfg, f"data file {path}")
+
+
+def load_local(cfg: DataConfig, seed: int) -> datasets.Dataset:
+    """Source ``local``: the file at ``cfg.path`` (``seed`` is unused)."""
+    return load_file(cfg.path, cfg)
+
+
+def load_hub(cfg: DataConfig, seed: int) -> datasets.Dataset:
+    """Source ``hf``: ``load_dataset(cfg.path, cfg.subset, split=cfg.split)``."""
+    import datasets
+
+    raw = datasets.load_dataset(cfg.path, cfg.subset or None, split=cfg.split)
+    origin = f"dataset {cfg.path!r} (split {cfg.split!r})"
+    if not isinstance(raw, datasets.Dataset):
+        raise ValueError(f"{origin}: expected one split, got {type(raw).__name__}")
+    keep = needed_columns(list(raw.column_names), cfg, origin)
+    return normalise(raw.select_columns(keep).to_pandas(), cfg, origin)
