@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 
 from fedlora.configtools import build_config
 from fedlora.runtime import collator, heldout_dataset
@@ -50,6 +51,13 @@ def _leftovers(run_dir: Path) -> list[str]:
         if str(run_dir) in cmd and p.pid != os.getpid():
             found.append(f"{p.pid}: {cmd[:120]}")
     return found
+
+
+def _run_config(run_dir: Path) -> ExperimentConfig:
+    """The experiment config the run used (its resolved config.yaml)."""
+    return build_config(
+        ExperimentConfig, yaml.safe_load((run_dir / "config.yaml").read_text())
+    )
 
 
 def _rows(run_dir: Path) -> list[dict[str, object]]:
@@ -140,7 +148,7 @@ def test_one_client_one_round_equals_plain_local_training(tmp_path: Path) -> Non
     rows = _rows(run_dir)
     assert rows[1]["eval_perplexity"] < rows[0]["eval_perplexity"]  # QLoRA learns
 
-    cfg = build_config(ExperimentConfig, overrides)
+    cfg = _run_config(run_dir)
     # A fresh (uncached) model: same seed, so the same initial adapter as the server.
     base = load_base_model(cfg.model, task="causal_lm", num_labels=0, seed=cfg.seed)
     model = wrap_lora(base, cfg.model, cfg.adapter, task="causal_lm", seed=cfg.seed)
