@@ -9,6 +9,7 @@ head when it is trained). They are never rewritten by hand: loading goes through
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -94,3 +95,17 @@ def from_record(record: ArrayRecord) -> StateDict:
 def num_params(state: Mapping[str, Tensor]) -> int:
     """Total number of scalars in ``state``."""
     return sum(v.numel() for v in state.values())
+
+
+def fingerprint(state: Mapping[str, Tensor], keys: Iterable[str]) -> str:
+    """SHA-256 over the given tensors (sorted keys, shapes, float32 bytes).
+
+    FFA-LoRA never sends A: every client regenerates it from the shared seed, and
+    the server's fingerprint of A proves the copies are identical.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(keys):
+        tensor = state[key].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{key}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()

@@ -10,25 +10,44 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
-from fedlora.adapters import StateDict, adapter_state, load_adapter_state, select
+from fedlora.adapters import (
+    StateDict,
+    adapter_state,
+    factor_of,
+    fingerprint,
+    load_adapter_state,
+    select,
+)
 from fedlora.config import ClientConfig
 from fedlora.runtime import collator, model_bundle, partition_dataset, set_trainable
 from fedlora.site import SiteConfig
-from fedlora.train import EvalResult, TrainResult, derive_seed, evaluate, train_local
+from fedlora.train import (
+    EvalResult,
+    StepRule,
+    TrainResult,
+    derive_seed,
+    evaluate,
+    train_local,
+)
 from fedlora.variants import VARIANTS
+
+if TYPE_CHECKING:
+    from fedlora.dp import PrivacyLedger
+    from fedlora.private import PrivacyReport
 
 
 class RoundOutcome(NamedTuple):
     """What a client sends back after local training."""
 
-    state: StateDict  # only the tensors trained this round
+    state: StateDict  # only the tensors trained this round (empty: budget spent)
     result: TrainResult
     num_examples: int  # size of the local dataset (FedAvg weight)
+    privacy: PrivacyReport | None = None  # privacy=dp only
 
 
 def for_site(cfg: ClientConfig, site: SiteConfig) -> ClientConfig:
@@ -44,6 +63,8 @@ def train_round(
     site: SiteConfig,
     server_round: int,
     global_state: Mapping[str, Tensor],
+    frozen_fingerprint: str = "",
+    ledger: PrivacyLedger | None = None,
 ) -> RoundOutcome:
     """Train locally from ``global_state`` and return the trained tensors.
 
@@ -53,12 +74,28 @@ def train_round(
         1-based round number from the server; drives the LR schedule, the data
         order and the variant's choice of factors (never a local counter).
     global_state : Mapping[str, Tensor]
-        Every adapter tensor of the global model, PEFT state-dict keys.
+        The adapter tensors the server sent (PEFT state-dict keys); tensors it
+        did not send (FFA-LoRA's A) stay at this client's shared initialisation.
+    frozen_fingerprint : str
+        The server's fingerprint of the tensors it did not send ("" = no check).
+    ledger : PrivacyLedger | None
+        The client's cumulative DP ledger (required with ``privacy=dp``; updated
+        in place).
     """
     cfg = for_site(cfg, site)
     bundle = model_bundle(cfg)
     load_adapter_state(bundle.model, global_state)
-    factors = VARIANTS.get(cfg.adapter.variant).factors_for_round(server_round)
+    check_frozen(bundle.model, global_state, frozen_fingerprint)
+    if cfg.privacy.mode == "dp":
+        if ledger is None:
+            raise ValueError("privacy.mode='dp' needs the client's PrivacyLedger")
+        from fedlora.private import dp_train_round
+
+        return RoundOutcome(
+            *dp_train_round(cfg, site, server_round, global_state, ledger)
+        )
+    variant = VARIANTS.get(cfg.adapter.variant)
+    factors = variant.factors_for_round(server_round)
     set_trainable(bundle.model, factors, train_head=cfg.adapter.train_head)
     data = partition_dataset(
         cfg, site.partition_id, site.num_partitions, site.data_path
@@ -76,9 +113,40 @@ def train_round(
         total_steps=cfg.federation.rounds * steps,
         generator=torch.Generator().manual_seed(seed),
         device=bundle.device,
+        rule=step_rule(cfg),
     )
     state = select(adapter_state(bundle.model), factors)
     return RoundOutcome(state=state, result=result, num_examples=len(data))
+
+
+def step_rule(cfg: ClientConfig) -> StepRule:
+    """Per-step alternation, gradient filter and B/A learning-rate ratio."""
+    variant = VARIANTS.get(cfg.adapter.variant)
+    transform = None
+    if variant.lowpass and cfg.adapter.lowpass:
+        from fedlora.dp import lowpass_filter
+
+        def transform(name: str, grad: Tensor) -> Tensor:
+            factor = factor_of(name)
+            return grad if factor is None else lowpass_filter(grad, factor)
+
+    return StepRule(variant.factors_for_step, transform, cfg.adapter.lr_ratio_b)
+
+
+def check_frozen(
+    model: torch.nn.Module, received: Mapping[str, Tensor], expected: str
+) -> None:
+    """Refuse to train if the tensors not sent differ from the server's copy."""
+    if not expected:
+        return
+    state = adapter_state(model)  # type: ignore[arg-type]
+    local = fingerprint(state, [k for k in state if k not in received])
+    if local != expected:
+        raise RuntimeError(
+            "The frozen adapter tensors (e.g. FFA-LoRA's A) differ from the "
+            f"server's: fingerprint {local[:12]} != {expected[:12]}. Every site must "
+            "build the same base model and adapter init (same seed, model, rank)."
+        )
 
 
 def evaluate_round(

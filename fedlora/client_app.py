@@ -8,7 +8,7 @@ reply, and the server drops that client for the round and logs why.
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora.adapters import from_record, to_record
@@ -17,6 +17,8 @@ from fedlora.config import ClientConfig
 from fedlora.site import SiteConfig
 
 app = ClientApp()
+# context.state key of the DP ledger (accountant history) of this node.
+LEDGER_RECORD = "fedlora-dp"
 
 
 @app.train()
@@ -25,19 +27,47 @@ def train(msg: Message, context: Context) -> Message:
     cfg = ClientConfig.from_run_config(context.run_config)
     site = SiteConfig.from_node_config(context.node_config)
     arrays_in = msg.content.array_records["arrays"]
-    server_round = int(str(msg.content.config_records["config"]["server-round"]))
-    outcome = train_round(cfg, site, server_round, from_record(arrays_in))
-    arrays_out = to_record(outcome.state)
-    metrics = MetricRecord(
-        {
-            "num-examples": outcome.num_examples,
-            "train-loss": outcome.result.loss,
-            "train-steps": outcome.result.steps,
-            "train-seconds": outcome.result.seconds,
-            "bytes-down": arrays_in.count_bytes(),
-            "bytes-up": arrays_out.count_bytes(),
-        }
+    config = msg.content.config_records["config"]
+    server_round = int(str(config["server-round"]))
+    frozen = str(config.get("frozen-fingerprint", ""))
+    ledger, ledger_file = None, None
+    if cfg.privacy.mode == "dp":
+        from fedlora.private import ledger_path, load_ledger
+
+        ledger_file = ledger_path(
+            cfg, site, str(context.run_config.get("output_dir", ""))
+        )
+        stored = context.state.config_records.get(LEDGER_RECORD)
+        ledger = load_ledger(cfg, ledger_file, str(stored["ledger"]) if stored else "")
+    outcome = train_round(
+        cfg, site, server_round, from_record(arrays_in), frozen, ledger
     )
+    if ledger is not None and ledger_file is not None:
+        ledger.save(ledger_file)
+        context.state[LEDGER_RECORD] = ConfigRecord({"ledger": ledger.to_json()})
+    arrays_out = to_record(outcome.state)
+    values: dict[str, int | float | list[int] | list[float]] = {
+        "num-examples": outcome.num_examples,
+        "train-loss": outcome.result.loss,
+        "train-steps": outcome.result.steps,
+        "train-seconds": outcome.result.seconds,
+        "bytes-down": arrays_in.count_bytes(),
+        "bytes-up": arrays_out.count_bytes(),
+        "partition-id": site.partition_id,
+    }
+    if outcome.privacy is not None:
+        p = outcome.privacy
+        values.update(
+            {
+                "epsilon": p.epsilon,
+                "dp-noise-multiplier": p.noise_multiplier,
+                "dp-sample-rate": p.sample_rate,
+                "dp-steps": p.steps,
+                "dp-delta": p.delta,
+                "dp-exhausted": int(p.exhausted),
+            }
+        )
+    metrics = MetricRecord(values)
     return Message(RecordDict({"arrays": arrays_out, "metrics": metrics}), reply_to=msg)
 
 

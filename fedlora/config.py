@@ -22,7 +22,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 PARTITIONERS = ("iid", "dirichlet")
 SCHEDULERS = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
-PRIVACY_MODES = ("none",)
+PRIVACY_MODES = ("none", "dp")
+ACCOUNTANTS = ("rdp", "prv")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -162,6 +163,14 @@ class AdapterConfig:
         default=True,
         metadata=_help("Classification: train and aggregate the task head too."),
     )
+    lr_ratio_b: float = field(
+        default=1.0,
+        metadata=_help("Learning rate of B relative to A (LA-LoRA's code uses 2)."),
+    )
+    lowpass: bool = field(
+        default=True,
+        metadata=_help("la_lora: low-pass filter [1,4,6,4,1]/16 on the gradients."),
+    )
 
     def __post_init__(self) -> None:
         from fedlora.variants import VARIANTS
@@ -170,6 +179,7 @@ class AdapterConfig:
         check_range("adapter.rank", self.rank, low=1)
         check_range("adapter.alpha", self.alpha, low=0, low_open=True)
         check_range("adapter.dropout", self.dropout, low=0, high=1, high_open=True)
+        check_range("adapter.lr_ratio_b", self.lr_ratio_b, low=0, low_open=True)
         if "all-linear" in self.target_modules and len(self.target_modules) > 1:
             raise ConfigError(
                 f"adapter.target_modules={list(self.target_modules)}: 'all-linear' "
@@ -262,12 +272,73 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Client-side privacy mechanism (Hydra group ``privacy``)."""
+    """Client-side privacy mechanism (Hydra group ``privacy``).
 
-    mode: str = field(default="none", metadata=_help("none: no differential privacy."))
+    ``dp`` is sample-level (epsilon, delta)-DP per client with DP-SGD (Opacus):
+    Poisson sampling, flat per-sample clipping over the trainable tensors, Gaussian
+    noise, and an accountant that spans every round the client takes part in.
+    """
+
+    mode: str = field(default="none", metadata=_help("none or dp (DP-SGD)."))
+    epsilon: float = field(
+        default=0.0,
+        metadata=_help(
+            "Target epsilon for the whole run (noise calibrated once); 0 = not set."
+        ),
+    )
+    noise_multiplier: float = field(
+        default=-1.0,
+        metadata=_help("Explicit noise multiplier sigma; -1 = calibrate from epsilon."),
+    )
+    delta: float = field(default=1e-5, metadata=_help("delta of (epsilon, delta)-DP."))
+    max_grad_norm: float = field(
+        default=1.0, metadata=_help("Per-sample clipping norm C (inf = no clipping).")
+    )
+    accountant: str = field(default="rdp", metadata=_help("rdp or prv."))
+    state_dir: str = field(
+        default="",
+        metadata=_help(
+            "Where clients keep their accountant; empty = <output_dir>/client-state "
+            "(a site's node-config state-dir wins)."
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_choice("privacy.mode", self.mode, PRIVACY_MODES)
+        check_choice("privacy.accountant", self.accountant, ACCOUNTANTS)
+        if self.mode == "none":
+            if self.epsilon > 0 or self.noise_multiplier >= 0:
+                warnings.warn(
+                    "privacy.epsilon / privacy.noise_multiplier are ignored with "
+                    "privacy.mode='none'",
+                    stacklevel=2,
+                )
+            return
+        if self.epsilon < 0:
+            raise ConfigError(
+                f"privacy.epsilon={self.epsilon} must be > 0 (or 0 to give "
+                "privacy.noise_multiplier instead)"
+            )
+        if self.noise_multiplier < 0 and self.noise_multiplier != -1.0:
+            raise ConfigError(
+                f"privacy.noise_multiplier={self.noise_multiplier} must be >= 0 "
+                "(or -1 to calibrate it from privacy.epsilon)"
+            )
+        if self.epsilon > 0 and self.noise_multiplier >= 0:
+            raise ConfigError(
+                f"privacy.epsilon={self.epsilon} and privacy.noise_multiplier="
+                f"{self.noise_multiplier} are both given; give one (set "
+                "privacy.epsilon=0 to use the explicit noise multiplier)"
+            )
+        if self.epsilon == 0 and self.noise_multiplier < 0:
+            raise ConfigError(
+                "privacy.mode='dp' needs privacy.epsilon > 0 (a target for the whole "
+                "run) or privacy.noise_multiplier >= 0"
+            )
+        check_range(
+            "privacy.delta", self.delta, low=0, high=1, low_open=True, high_open=True
+        )
+        check_range("privacy.max_grad_norm", self.max_grad_norm, low=0, low_open=True)
 
 
 # Prefixes (dataclass field names) the client reads from the run-config.
@@ -295,6 +366,18 @@ class ClientConfig:
                 raise ConfigError(
                     f"model.name={self.model.name!r} supports data.task in "
                     f"{list(tasks)}, not {self.data.task!r}; pick another model or data"
+                )
+        if self.privacy.mode == "dp":
+            if self.model.gradient_checkpointing:
+                raise ConfigError(
+                    "privacy.mode='dp' with model.gradient_checkpointing=true: Opacus "
+                    "gets no per-sample gradients through checkpointed layers; set "
+                    "model.gradient_checkpointing=false"
+                )
+            if self.train.grad_accum != 1:
+                raise ConfigError(
+                    f"privacy.mode='dp' with train.grad_accum={self.train.grad_accum}: "
+                    "a DP-SGD step is one Poisson batch; use train.batch_size instead"
                 )
         if self.data.source == "synthetic" and self.data.task != "classification":
             raise ConfigError(

@@ -12,7 +12,7 @@ from typing import Any
 
 from fedlora.configtools import ConfigError
 
-NODE_KEYS = ("partition-id", "num-partitions", "data-path", "device")
+NODE_KEYS = ("partition-id", "num-partitions", "data-path", "device", "state-dir")
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,15 @@ class SiteConfig:
         The site's own data file; when set it is used whole, no partitioning.
     device : str (default: "")
         Overrides ``model.device`` at this site (``cpu`` or ``cuda``).
+    state_dir : str (default: "")
+        Where this site keeps state across restarts (the DP ledger).
     """
 
     partition_id: int = 0
     num_partitions: int = 1
     data_path: str = ""
     device: str = ""
+    state_dir: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.partition_id < self.num_partitions:
@@ -56,6 +59,7 @@ class SiteConfig:
                 num_partitions=int(node_config.get("num-partitions", 1)),
                 data_path=str(node_config.get("data-path", "")),
                 device=str(node_config.get("device", "")),
+                state_dir=str(node_config.get("state-dir", "")),
             )
         except (TypeError, ValueError) as err:
             raise ConfigError(

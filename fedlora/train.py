@@ -11,12 +11,13 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from fedlora.adapters import factor_of
 from fedlora.config import TrainConfig
 
 Batch = dict[str, Tensor]
@@ -82,6 +83,51 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+class StepRule(NamedTuple):
+    """Per-step behaviour of a local update rule (defaults: plain LoRA).
+
+    ``factors_for_step`` maps the global 1-based step to the LoRA factors updated
+    in it (alternating schemes); ``grad_transform(name, grad)`` post-processes each
+    gradient before the update (LA-LoRA's low-pass filter); ``lr_ratio_b`` scales
+    the learning rate of B relative to A and the head.
+    """
+
+    factors_for_step: Callable[[int], frozenset[str]] | None = None
+    grad_transform: Callable[[str, Tensor], Tensor] | None = None
+    lr_ratio_b: float = 1.0
+
+
+def trainable_groups(
+    model: nn.Module, cfg: TrainConfig, lr_ratio_b: float
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups of the currently trainable parameters.
+
+    Each group carries ``names`` and ``base_lr`` (the schedule multiplies it).
+    """
+    groups: dict[float, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr = cfg.lr * (lr_ratio_b if factor_of(name) == "lora_B" else 1.0)
+        group = groups.setdefault(lr, {"params": [], "names": [], "base_lr": lr})
+        group["params"].append(param)
+        group["names"].append(name)
+    if not groups:
+        raise RuntimeError("No trainable parameters: nothing to train")
+    return list(groups.values())
+
+
+def activate_factors(
+    model: nn.Module, names: Sequence[str], active: frozenset[str]
+) -> None:
+    """Enable grads only on the LoRA factors in ``active`` (others keep theirs)."""
+    params = dict(model.named_parameters())
+    for name in names:
+        factor = factor_of(name)
+        if factor is not None:
+            params[name].requires_grad_(factor in active)
+
+
 def train_local(
     model: nn.Module,
     dataset: Dataset[Batch],
@@ -93,21 +139,27 @@ def train_local(
     total_steps: int,
     generator: torch.Generator,
     device: torch.device,
+    rule: StepRule = StepRule(),  # noqa: B008 - immutable NamedTuple
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on the currently trainable parameters.
 
     Parameters
     ----------
     start_step, total_steps : int
-        Global step index of the first step and length of the whole run (for the
-        LR schedule, which spans all rounds).
+        Global step index of the first step (0-based) and length of the whole run
+        (the LR schedule and alternating rules span all rounds).
     generator : torch.Generator
         Source of the data order (seed it from seed, round and client).
+    rule : StepRule
+        Alternation, gradient post-processing and the B/A learning-rate ratio.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise RuntimeError("No trainable parameters: nothing to train")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = trainable_groups(model, cfg, rule.lr_ratio_b)
+    names = [n for g in groups for n in g["names"]]
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(
+        [{"params": g["params"], "lr": g["base_lr"]} for g in groups],
+        weight_decay=cfg.weight_decay,
+    )
     n = len(dataset)  # type: ignore[arg-type]
     batches = batch_indices(n, cfg.batch_size, steps * cfg.grad_accum, generator)
     model.train()
@@ -115,8 +167,10 @@ def train_local(
     examples = 0
     start = time.perf_counter()
     for k in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(start_step + k, total_steps, cfg)
+        if rule.factors_for_step is not None:
+            activate_factors(model, names, rule.factors_for_step(start_step + k + 1))
+        for group, spec in zip(optimizer.param_groups, groups, strict=True):
+            group["lr"] = spec["base_lr"] * lr_factor(start_step + k, total_steps, cfg)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
             idx = next(batches)
@@ -126,10 +180,19 @@ def train_local(
             step_loss += float(loss.detach())
             examples += len(idx)
         if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in params if p.grad is not None], cfg.max_grad_norm
+            )
+        if rule.grad_transform is not None:
+            for name, param in zip(names, params, strict=True):
+                if param.grad is not None:
+                    param.grad = rule.grad_transform(name, param.grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
+    if rule.factors_for_step is not None:  # leave every factor of the round trainable
+        for param in params:
+            param.requires_grad_(True)
     return TrainResult(
         loss=sum(losses) / len(losses),
         steps=steps,

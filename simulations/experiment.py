@@ -77,3 +77,23 @@ def pyproject_config() -> dict[str, Any]:
 
     walk(table, "")
     return out
+
+
+def render_pyproject_section(experiment: ExperimentConfig | None = None) -> str:
+    """``[tool.flwr.app.config]`` TOML for the defaults (one table per group)."""
+    flat = flatten_config(experiment or ExperimentConfig())
+    top = {k: v for k, v in flat.items() if "." not in k}
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if "." in key:
+            group, name = key.split(".", 1)
+            groups.setdefault(group, {})[name] = value
+    lines = ["[tool.flwr.app.config]", tomli_w.dumps(top).strip()]
+    for group, values in groups.items():
+        lines += ["", f"[tool.flwr.app.config.{group}]", tomli_w.dumps(values).strip()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    # Print the run-config defaults to paste into pyproject.toml after adding a key.
+    print(render_pyproject_section(), end="")

@@ -7,7 +7,7 @@ Decentralized Data", AISTATS 2017.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -17,8 +17,8 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedlora.adapters import StateDict, from_record, select, to_record
-from fedlora.variants import FACTORS, VARIANTS
+from fedlora.adapters import StateDict, fingerprint, from_record, select, to_record
+from fedlora.variants import VARIANTS, Variant
 from strategies.aggregation import merge_into, weighted_mean
 from strategies.config import ExperimentConfig
 from strategies.validation import reply_problem
@@ -35,17 +35,21 @@ class RoundStats:
     bytes_up: int = 0
     train_loss: float | None = None
     client_train_seconds: list[float] = field(default_factory=list)
+    # privacy=dp: nodes whose budget is spent, and each replying client's report
+    exhausted: list[int] = field(default_factory=list)
+    privacy: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def epsilon(self) -> float | None:
+        """Largest epsilon spent by any replying client (None without DP)."""
+        values = [p["epsilon"] for p in self.privacy.values()]
+        return max(values) if values else None
 
 
 def metric(record: MetricRecord, key: str, default: float = float("nan")) -> float:
     """Scalar metric ``key`` as float (``default`` if absent or not a scalar)."""
     value = record.get(key)
     return float(value) if isinstance(value, (int, float)) else default
-
-
-def _all_factors(server_round: int) -> frozenset[str]:
-    del server_round
-    return FACTORS
 
 
 class FedAvgLora(FedAvg):
@@ -70,8 +74,9 @@ class FedAvgLora(FedAvg):
         Nodes that must be connected before sampling.
     weighting : str (default: "num_examples")
         ``num_examples`` weights clients by data size, ``uniform`` equally.
-    factors_for_round : Callable[[int], frozenset[str]] (default: both factors)
-        LoRA factors the clients train and send in a round (from the variant).
+    variant : Variant (default: plain LoRA)
+        The clients' local update rule: which factors go down and come back up
+        each round. Tensors not sent down are checked by fingerprint.
     """
 
     def __init__(
@@ -82,7 +87,7 @@ class FedAvgLora(FedAvg):
         min_train_nodes: int = 2,
         min_available_nodes: int = 2,
         weighting: str = "num_examples",
-        factors_for_round: Callable[[int], frozenset[str]] = _all_factors,
+        variant: Variant | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -92,7 +97,7 @@ class FedAvgLora(FedAvg):
             min_available_nodes=min_available_nodes,
         )
         self.weighting = weighting
-        self.factors_for_round = factors_for_round
+        self.variant = variant or VARIANTS.get("lora")
         self.global_state: StateDict | None = None
         self.stats: dict[int, RoundStats] = {}
 
@@ -106,7 +111,7 @@ class FedAvgLora(FedAvg):
             min_train_nodes=min(fed.min_clients, fed.clients),
             min_available_nodes=min(fed.min_clients, fed.clients),
             weighting=cfg.strategy.weighting,
-            factors_for_round=VARIANTS.get(cfg.adapter.variant).factors_for_round,
+            variant=VARIANTS.get(cfg.adapter.variant),
         )
 
     def _global(self) -> StateDict:
@@ -119,7 +124,13 @@ class FedAvgLora(FedAvg):
     ) -> Iterable[Message]:
         """Sample nodes and send each the global adapter (byte count recorded)."""
         self.global_state = from_record(arrays)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        down = select(self.global_state, self.variant.sends_down(server_round))
+        kept = [k for k in self.global_state if k not in down]
+        if kept:
+            config["frozen-fingerprint"] = fingerprint(self.global_state, kept)
+        messages = list(
+            super().configure_train(server_round, to_record(down), config, grid)
+        )
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.sampled = len(messages)
         stats.bytes_down = sum(
@@ -129,8 +140,51 @@ class FedAvgLora(FedAvg):
 
     def expected_reply(self, server_round: int) -> dict[str, tuple[int, ...]]:
         """Adapter key -> shape every client must send back this round."""
-        sent = select(self._global(), self.factors_for_round(server_round))
+        sent = select(self._global(), self.variant.factors_for_round(server_round))
         return {k: tuple(v.shape) for k, v in sent.items()}
+
+    def _record_privacy(
+        self, server_round: int, msg: Message, stats: RoundStats
+    ) -> bool:
+        """Keep a DP client's privacy report; True if its budget is spent."""
+        metrics = msg.content.metric_records.get("metrics")
+        if metrics is None or "epsilon" not in metrics:
+            return False
+        report = {
+            k: metric(metrics, k)
+            for k in (
+                "epsilon",
+                "dp-noise-multiplier",
+                "dp-sample-rate",
+                "dp-steps",
+                "dp-delta",
+                "partition-id",
+            )
+        }
+        node = msg.metadata.src_node_id
+        stats.privacy[node] = report
+        if metric(metrics, "dp-exhausted", 0.0) > 0:
+            stats.exhausted.append(node)
+            log(
+                INFO,
+                "Round %d: node %d (partition %d) stopped training: its privacy budget "
+                "is spent (epsilon %.3f); the round goes on without it",
+                server_round,
+                node,
+                int(report["partition-id"]),
+                report["epsilon"],
+            )
+            return True
+        return False
+
+    def privacy_summary(self) -> dict[str, dict[str, float]]:
+        """Latest privacy report per client partition (all rounds), for summary.json."""
+        latest: dict[str, dict[str, float]] = {}
+        for rnd in sorted(self.stats):
+            for report in self.stats[rnd].privacy.values():
+                key = f"partition-{int(report['partition-id'])}"
+                latest[key] = {**report, "last_round": float(rnd)}
+        return latest
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -143,6 +197,8 @@ class FedAvgLora(FedAvg):
         for msg in replies:
             if not msg.has_error():
                 stats.bytes_up += recorddict_to_proto(msg.content).ByteSize()
+                if self._record_privacy(server_round, msg, stats):
+                    continue  # budget spent: nothing to aggregate, not an error
             reason = reply_problem(msg, expected)
             if reason is None:
                 good.append(msg)

@@ -37,7 +37,7 @@ REQUIRED = {
 PAIRED = {
     ("data", "synthetic_instruct"): ["model=tiny_llama"],
 }
-EXPECTED_FILES = 14
+EXPECTED_FILES = 18
 
 
 def _compose(overrides: list[str]) -> dict[str, Any]:

@@ -50,6 +50,42 @@ def test_unknown_key_names_the_key_and_the_allowed_ones() -> None:
         ({"data.source": "imagenet"}, r"data\.source='imagenet'.*synthetic"),
         ({"adapter.variant": "dora"}, r"adapter\.variant='dora'.*lora"),
         ({"data.source": "local"}, r"data\.path is empty"),
+        (
+            {"privacy.mode": "dp", "privacy.epsilon": -1.0},
+            r"privacy\.epsilon=-1\.0 must be > 0",
+        ),
+        (
+            {"privacy.mode": "dp"},
+            r"needs privacy\.epsilon > 0 .* or privacy\.noise_multiplier",
+        ),
+        (
+            {"privacy.mode": "dp", "privacy.epsilon": 1.0, "privacy.delta": 1.0},
+            r"privacy\.delta=1\.0 is out of range",
+        ),
+        (
+            {
+                "privacy.mode": "dp",
+                "privacy.epsilon": 1.0,
+                "privacy.noise_multiplier": 0.8,
+            },
+            r"both given; give one",
+        ),
+        (
+            {
+                "privacy.mode": "dp",
+                "privacy.epsilon": 1.0,
+                "model.gradient_checkpointing": True,
+            },
+            r"gradient_checkpointing=true: Opacus",
+        ),
+        (
+            {"privacy.mode": "dp", "privacy.epsilon": 1.0, "train.grad_accum": 2},
+            r"train\.grad_accum=2",
+        ),
+        (
+            {"privacy.mode": "dp", "privacy.epsilon": 1.0, "privacy.accountant": "gdp"},
+            r"privacy\.accountant='gdp'",
+        ),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(

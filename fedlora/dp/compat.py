@@ -1,0 +1,112 @@
+"""What Opacus can privatise, and the per-sample-gradient wrapper we use.
+
+Opacus (1.6) computes per-sample gradients only for modules that own a trainable
+parameter. In ``hooks`` mode it uses an exact, hand-written rule per layer type
+(``nn.Linear``, ``nn.Embedding``, norms, convs, ...) and silently falls back to
+functorch for any other type: a vmap of the module's forward on single examples,
+which fails on non-functional layers (bitsandbytes) and is wrong for layers that
+mix examples. So the ``hooks`` check refuses trainable modules without a rule.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from torch import nn
+
+# grad_sample_mode -> force_functorch flag of GradSampleModule; first is the default.
+# "ghost" (needs a criterion wrapper) and "ew" (positional inputs, O4) are not offered.
+GRAD_SAMPLE_MODES = {"hooks": False, "functorch": True}
+
+
+def check_grad_sample_mode(mode: str) -> None:
+    """Raise ``ValueError`` unless ``mode`` is a key of :data:`GRAD_SAMPLE_MODES`."""
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"grad_sample_mode={mode!r} is not supported; use one of "
+            f"{list(GRAD_SAMPLE_MODES)}"
+        )
+
+
+def _module_errors(name: str, module: nn.Module, mode: str) -> list[str]:
+    """Why Opacus cannot privatise this trainable module (empty if it can)."""
+    from opacus.grad_sample import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    label = f"{name or '<root>'} ({type(module).__name__})"
+    params = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    errors = []
+    if mode == "hooks" and type(module) not in GradSampleModule.GRAD_SAMPLERS:
+        errors.append(
+            f"{label}: no Opacus per-sample gradient rule for this layer type "
+            f"(trainable {params}); freeze it, register one with "
+            "opacus.grad_sample.register_grad_sampler, or use "
+            "grad_sample_mode='functorch' if its forward treats examples independently"
+        )
+    if any(True for _ in module.buffers()):
+        # Buffers (e.g. BatchNorm running stats) are updated from the whole batch.
+        errors.append(f"{label}: a trainable module with buffers is not private")
+    validator = ModuleValidator.VALIDATORS.get(type(module))
+    if validator is not None:
+        errors.extend(f"{label}: {err}" for err in validator(module))
+    return errors
+
+
+def check_opacus_compatible(
+    model: nn.Module, *, grad_sample_mode: str = "hooks"
+) -> None:
+    """Raise if Opacus cannot compute exact per-sample gradients for ``model``.
+
+    Only modules owning a parameter with ``requires_grad`` are checked: the frozen
+    (possibly 4-bit) base is never differentiated per sample.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model as it will be wrapped (trainable flags set).
+    grad_sample_mode : str (default: "hooks")
+        ``"hooks"`` requires a registered per-layer rule; ``"functorch"`` accepts
+        any module without buffers.
+
+    Raises
+    ------
+    ValueError
+        Naming every offending module and its type, and the fix.
+    """
+    check_grad_sample_mode(grad_sample_mode)
+    errors = [
+        err
+        for name, module in model.named_modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False))
+        for err in _module_errors(name, module, grad_sample_mode)
+    ]
+    if errors:
+        raise ValueError(
+            "Opacus cannot compute per-sample gradients for these trainable "
+            "modules:\n  " + "\n  ".join(errors)
+        )
+
+
+@cache
+def grad_sample_module_cls() -> type[Any]:
+    """Opacus' ``GradSampleModule`` that tolerates factors frozen after wrapping.
+
+    Opacus hooks every module trainable at wrap time. When a factor is frozen later
+    (LA-LoRA, RoLoRA), its forward hook records no activations but autograd still
+    calls its backward hook (its input needs a gradient), and Opacus raises
+    ``ValueError: No activations detected for <class 'torch.nn.modules.linear.Linear'>,
+    run forward after add_hooks(model)``. This subclass skips frozen modules there.
+    """
+    from opacus.grad_sample import GradSampleModule
+    from opacus.utils.module_utils import requires_grad
+
+    class ToggleableGradSampleModule(GradSampleModule):  # type: ignore[misc]
+        def capture_backprops_hook(
+            self, module: nn.Module, *args: Any, **kwargs: Any
+        ) -> None:
+            if not requires_grad(module):
+                return
+            super().capture_backprops_hook(module, *args, **kwargs)
+
+    return ToggleableGradSampleModule

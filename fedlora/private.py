@@ -1,0 +1,248 @@
+"""A client's DP-SGD round (``privacy=dp``): calibration, budget check, training.
+
+Sample-level (epsilon, delta)-DP per client: every local step is a Poisson batch at
+rate ``q = train.batch_size / N_i`` with flat per-sample clipping over the tensors
+trained in that step and Gaussian noise (``fedlora.dp.DPTrainer``). The ledger
+(accountant history) is the client's and spans every round it takes part in; the
+ClientApp stores it in Flower's ``context.state`` and in a state file, so a
+restarted client continues from what it already spent.
+
+Randomness: with ``sigma > 0`` the Poisson sampling and the noise come from a
+generator seeded by the OS (``secrets``), never from the run's public seed -- a
+server that could replay the noise could subtract it. With ``sigma = 0`` (no
+privacy claimed) they are seeded from the run seed, so such runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fedlora.adapters import adapter_state, load_adapter_state, select
+from fedlora.config import ClientConfig
+from fedlora.dp import (
+    DPSettings,
+    DPTrainer,
+    PrivacyLedger,
+    calibrate_noise,
+    poisson_batch,
+)
+from fedlora.runtime import collator, model_bundle, partition_dataset, set_trainable
+from fedlora.site import SiteConfig
+from fedlora.train import (
+    TrainResult,
+    activate_factors,
+    derive_seed,
+    lr_factor,
+    to_device,
+)
+from fedlora.variants import VARIANTS
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """Everything needed to recompute a client's epsilon."""
+
+    epsilon: float  # spent so far (all rounds)
+    noise_multiplier: float
+    sample_rate: float
+    steps: int  # DP-SGD steps taken so far (all rounds)
+    delta: float
+    accountant: str
+    exhausted: bool  # True: this round was refused, the budget would be exceeded
+
+
+def planned_steps(cfg: ClientConfig) -> int:
+    """Local steps a client is expected to take over the run (for calibration)."""
+    fed = cfg.federation
+    rounds = max(1, round(fed.rounds * fed.fraction_train))
+    return rounds * fed.local_steps
+
+
+@lru_cache(maxsize=16)
+def dp_settings(cfg: ClientConfig, num_examples: int) -> DPSettings:
+    """sigma, C, q and b for a client with ``num_examples`` local examples.
+
+    sigma is the explicit ``privacy.noise_multiplier`` or calibrated once so the
+    whole planned run meets ``privacy.epsilon``.
+    """
+    p = cfg.privacy
+    batch = min(cfg.train.batch_size, num_examples)
+    q = batch / num_examples
+    if p.noise_multiplier >= 0:
+        sigma = p.noise_multiplier
+    else:
+        sigma = calibrate_noise(
+            target_epsilon=p.epsilon,
+            delta=p.delta,
+            sample_rate=q,
+            steps=planned_steps(cfg),
+            accountant=p.accountant,
+        )
+    return DPSettings(
+        noise_multiplier=sigma,
+        max_grad_norm=p.max_grad_norm,
+        sample_rate=q,
+        delta=p.delta,
+        accountant=p.accountant,
+        expected_batch_size=batch,
+    )
+
+
+def new_ledger(cfg: ClientConfig) -> PrivacyLedger:
+    """Return an empty ledger with the run's accountant and delta."""
+    return PrivacyLedger(cfg.privacy.accountant, cfg.privacy.delta)
+
+
+def ledger_path(cfg: ClientConfig, site: SiteConfig, output_dir: str) -> Path:
+    """Where this site keeps its ledger across restarts.
+
+    node-config ``state-dir`` > ``privacy.state_dir`` > ``<output_dir>/client-state``;
+    in simulation each partition (virtual site) gets its own file.
+    """
+    root = (
+        site.state_dir
+        or cfg.privacy.state_dir
+        or str(Path(output_dir or ".") / "client-state")
+    )
+    return Path(root).expanduser() / f"partition-{site.partition_id}" / "dp-ledger.json"
+
+
+def load_ledger(
+    cfg: ClientConfig, path: Path, fallback_json: str = ""
+) -> PrivacyLedger:
+    """Return the ledger with the most steps: state file or ``fallback_json``.
+
+    The file survives a restarted client process; ``fallback_json`` is the copy in
+    Flower's ``context.state`` (survives between rounds of a running SuperNode).
+    """
+    candidates = [new_ledger(cfg)]
+    if path.is_file():
+        candidates.append(PrivacyLedger.load(path))
+    if fallback_json:
+        candidates.append(PrivacyLedger.from_json(fallback_json))
+    for ledger in candidates:
+        if (ledger.accountant, ledger.delta) != (
+            cfg.privacy.accountant,
+            cfg.privacy.delta,
+        ):
+            raise ValueError(
+                f"Stored DP ledger ({ledger.accountant}, delta={ledger.delta}) does "
+                f"not match privacy.accountant={cfg.privacy.accountant!r}, "
+                f"privacy.delta={cfg.privacy.delta}; use a new privacy.state_dir"
+            )
+    return max(candidates, key=lambda ledger: ledger.steps)
+
+
+def report(
+    ledger: PrivacyLedger, settings: DPSettings, exhausted: bool
+) -> PrivacyReport:
+    """Snapshot of the ledger for the reply metrics and summary.json."""
+    return PrivacyReport(
+        epsilon=ledger.epsilon() if ledger.steps else 0.0,
+        noise_multiplier=settings.noise_multiplier,
+        sample_rate=settings.sample_rate,
+        steps=ledger.steps,
+        delta=settings.delta,
+        accountant=settings.accountant,
+        exhausted=exhausted,
+    )
+
+
+def _generator(cfg: ClientConfig, sigma: float, *parts: int | str) -> torch.Generator:
+    seed = derive_seed(cfg.seed, *parts) if sigma == 0 else secrets.randbits(63)
+    return torch.Generator().manual_seed(seed)
+
+
+def dp_train_round(
+    cfg: ClientConfig,
+    site: SiteConfig,
+    server_round: int,
+    global_state: Mapping[str, Tensor],
+    ledger: PrivacyLedger,
+) -> tuple[dict[str, Tensor], TrainResult, int, PrivacyReport]:
+    """One DP-SGD round from ``global_state``; ``ledger`` is updated in place.
+
+    Returns the trained tensors (empty when the budget is spent), the training
+    result, the local dataset size and the privacy report.
+    """
+    import time
+
+    bundle = model_bundle(cfg)
+    model = bundle.model
+    data = partition_dataset(
+        cfg, site.partition_id, site.num_partitions, site.data_path
+    )
+    n = len(data)
+    settings = dp_settings(cfg, n)
+    steps = cfg.federation.local_steps
+    target = cfg.privacy.epsilon
+    if (
+        target > 0
+        and ledger.epsilon_after(settings.noise_multiplier, settings.sample_rate, steps)
+        > target + 1e-9
+    ):
+        empty = TrainResult(loss=float("nan"), steps=0, examples=0, seconds=0.0)
+        return {}, empty, n, report(ledger, settings, exhausted=True)
+    load_adapter_state(model, global_state)
+    variant = VARIANTS.get(cfg.adapter.variant)
+    factors = variant.factors_for_round(server_round)
+    # Opacus hooks only modules trainable at wrap time (P2): wrap with every factor
+    # of the round trainable, then toggle per step.
+    set_trainable(model, factors, train_head=cfg.adapter.train_head)
+    from fedlora.client import step_rule
+
+    rule = step_rule(cfg)
+    trainer = DPTrainer(
+        model,
+        settings=settings,
+        ledger=ledger,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        lr_scale={"lora_B": cfg.adapter.lr_ratio_b} if "lora_B" in factors else None,
+        noise_generator=_generator(
+            cfg, settings.noise_multiplier, server_round, site.partition_id, "noise"
+        ),
+    )
+    sampler = _generator(
+        cfg, settings.noise_multiplier, server_round, site.partition_id, "poisson"
+    )
+    collate = collator(cfg)
+    losses, examples, start = [], 0, time.perf_counter()
+    try:
+        for k in range(steps):
+            global_step = (server_round - 1) * steps + k
+            if rule.factors_for_step is not None:
+                activate_factors(
+                    model, trainer.param_names, rule.factors_for_step(global_step + 1)
+                )
+            trainer.set_lr(
+                cfg.train.lr
+                * lr_factor(global_step, cfg.federation.rounds * steps, cfg.train)
+            )
+            idx = poisson_batch(n, settings.sample_rate, sampler)
+            batch = to_device(collate([data[int(i)] for i in idx]), bundle.device)
+            losses.append(
+                trainer.step(
+                    batch, task=cfg.data.task, grad_transform=rule.grad_transform
+                )
+            )
+            examples += len(idx)
+    finally:
+        trainer.detach()
+        set_trainable(model, factors, train_head=cfg.adapter.train_head)
+    finite = [x for x in losses if x == x]
+    result = TrainResult(
+        loss=sum(finite) / len(finite) if finite else float("nan"),
+        steps=steps,
+        examples=examples,
+        seconds=time.perf_counter() - start,
+    )
+    state = select(adapter_state(model), factors)
+    return state, result, n, report(ledger, settings, exhausted=False)

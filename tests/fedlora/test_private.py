@@ -1,0 +1,168 @@
+"""privacy=dp at the client-round level: equivalences, accounting, budget, restart."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlora.adapters import adapter_state, factor_of, load_adapter_state
+from fedlora.client import train_round
+from fedlora.configtools import build_config
+from fedlora.dp import PrivacyLedger, per_sample_loss, poisson_batch
+from fedlora.private import dp_settings, ledger_path, load_ledger, planned_steps
+from fedlora.runtime import collator, model_bundle, partition_dataset
+from fedlora.site import SiteConfig
+from fedlora.train import derive_seed
+from strategies.config import ExperimentConfig
+
+BASE = {
+    "model.name": "tiny_llama",
+    "model.tiny_hidden_size": 64,
+    "data.source": "synthetic",
+    "data.task": "classification",
+    "data.partitioner": "iid",
+    "data.num_examples": 400,
+    "adapter.rank": 4,
+    "federation.clients": 2,
+    "federation.rounds": 3,
+    "federation.local_steps": 3,
+    "train.batch_size": 8,
+    "privacy.mode": "dp",
+}
+
+
+def _cfg(**extra: object) -> ExperimentConfig:
+    return build_config(ExperimentConfig, {**BASE, **extra})
+
+
+def test_zero_noise_infinite_clip_equals_the_non_private_steps() -> None:
+    """DP(sigma=0, C=inf) = AdamW on sum of per-example losses / b, same batches."""
+    cfg = _cfg(**{"privacy.noise_multiplier": 0.0, "privacy.max_grad_norm": 1e9})
+    site = SiteConfig(0, 2)
+    bundle = model_bundle(cfg)
+    start = adapter_state(bundle.model)
+    out = train_round(cfg, site, 1, start, ledger=PrivacyLedger("rdp", 1e-5))
+
+    model = bundle.model
+    load_adapter_state(model, start)
+    data = partition_dataset(cfg, 0, 2)
+    settings = dp_settings(cfg, len(data))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 1, 0, "poisson"))
+    collate = collator(cfg)
+    model.train()
+    for _ in range(cfg.federation.local_steps):
+        idx = poisson_batch(len(data), settings.sample_rate, gen)
+        batch = collate([data[int(i)] for i in idx])
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        loss = per_sample_loss(logits, labels, task="classification").sum()
+        (loss / settings.expected_batch_size).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    reference = adapter_state(model)
+    bad = [
+        k
+        for k in out.state
+        if not torch.allclose(out.state[k], reference[k], rtol=1e-5, atol=1e-7)
+    ]
+    assert not bad, f"{len(bad)} tensors differ: {bad[:3]}"
+
+
+def test_reported_epsilon_matches_an_independent_recomputation() -> None:
+    cfg = _cfg(**{"privacy.epsilon": 3.0})
+    ledger = PrivacyLedger("rdp", 1e-5)
+    start = adapter_state(model_bundle(cfg).model)
+    out = train_round(cfg, SiteConfig(0, 2), 1, start, ledger=ledger)
+    assert out.privacy is not None
+    p = out.privacy
+    fresh = PrivacyLedger("rdp", 1e-5)
+    fresh.step(p.noise_multiplier, p.sample_rate, n=p.steps)
+    assert p.steps == cfg.federation.local_steps
+    assert p.epsilon == pytest.approx(fresh.epsilon(), rel=0.01)
+    # sigma was calibrated for the whole planned run, not one round
+    full = PrivacyLedger("rdp", 1e-5)
+    full.step(p.noise_multiplier, p.sample_rate, n=planned_steps(cfg))
+    assert 0.95 * 3.0 <= full.epsilon() <= 3.0
+
+
+def test_epsilon_grows_across_rounds_and_survives_a_restart(tmp_path: Path) -> None:
+    cfg = _cfg(**{"privacy.epsilon": 3.0})
+    site = SiteConfig(1, 2, state_dir=str(tmp_path))
+    path = ledger_path(cfg, site, "")
+    assert path == tmp_path / "partition-1" / "dp-ledger.json"
+    start = adapter_state(model_bundle(cfg).model)
+    epsilons = []
+    for rnd in (1, 2):
+        ledger = load_ledger(cfg, path)  # a fresh process every round
+        out = train_round(cfg, site, rnd, start, ledger=ledger)
+        ledger.save(path)
+        assert out.privacy is not None
+        epsilons.append(out.privacy.epsilon)
+    assert 0 < epsilons[0] < epsilons[1]
+    assert load_ledger(cfg, path).steps == 2 * cfg.federation.local_steps
+
+
+def test_an_exhausted_budget_stops_the_client() -> None:
+    """sigma covers the planned 3 rounds; a 4th round would exceed epsilon."""
+    cfg = _cfg(**{"privacy.epsilon": 2.0})
+    ledger = PrivacyLedger("rdp", 1e-5)
+    start = adapter_state(model_bundle(cfg).model)
+    for rnd in (1, 2, 3):
+        out = train_round(cfg, SiteConfig(0, 2), rnd, start, ledger=ledger)
+        assert out.privacy is not None and not out.privacy.exhausted
+    spent = ledger.epsilon()
+    assert spent <= 2.0
+    out = train_round(cfg, SiteConfig(0, 2), 4, start, ledger=ledger)
+    assert out.privacy is not None and out.privacy.exhausted
+    assert out.state == {} and out.result.steps == 0
+    assert ledger.epsilon() == spent  # nothing more was spent
+
+
+def test_ffa_under_dp_noises_and_sends_only_b() -> None:
+    cfg = _cfg(
+        **{
+            "privacy.epsilon": 3.0,
+            "adapter.variant": "ffa",
+            "adapter.train_head": False,
+        }
+    )
+    start = adapter_state(model_bundle(cfg).model)
+    sent = {k: v for k, v in start.items() if factor_of(k) == "lora_B"}
+    out = train_round(cfg, SiteConfig(0, 2), 1, sent, ledger=PrivacyLedger("rdp", 1e-5))
+    assert {factor_of(k) for k in out.state} == {"lora_B"}
+    assert all(not torch.equal(out.state[k], sent[k]) for k in sent)
+
+
+@pytest.mark.parametrize("variant", ["la_lora", "rolora"])
+def test_alternating_variants_train_under_dp(variant: str) -> None:
+    cfg = _cfg(**{"privacy.epsilon": 3.0, "adapter.variant": variant})
+    start = adapter_state(model_bundle(cfg).model)
+    ledger = PrivacyLedger("rdp", 1e-5)
+    out = train_round(cfg, SiteConfig(0, 2), 2, start, ledger=ledger)
+    assert ledger.steps == cfg.federation.local_steps
+    moved = {factor_of(k) for k in out.state if not torch.equal(out.state[k], start[k])}
+    assert moved == ({"lora_A", "lora_B"} if variant == "la_lora" else {"lora_A"}) | {
+        None
+    }
+
+
+def test_dp_needs_a_ledger() -> None:
+    cfg = _cfg(**{"privacy.epsilon": 3.0})
+    start = adapter_state(model_bundle(cfg).model)
+    with pytest.raises(ValueError, match="PrivacyLedger"):
+        train_round(cfg, SiteConfig(0, 2), 1, start)
+    with pytest.raises(ValueError, match="does not match"):
+        load_ledger(
+            dataclasses.replace(
+                cfg, privacy=dataclasses.replace(cfg.privacy, accountant="prv")
+            ),
+            Path("/nonexistent"),
+            PrivacyLedger("rdp", 1e-5).to_json(),
+        )
