@@ -178,3 +178,33 @@ def test_one_client_one_round_equals_plain_local_training(tmp_path: Path) -> Non
         for k, v in local.items()
         if "lora_B" in k
     )
+
+
+def test_ffa_under_dp_reports_epsilon_and_halves_the_bytes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _launch(
+        run_dir,
+        "model=tiny_llama",
+        "data=synthetic_instruct",
+        "adapter=ffa",
+        "privacy=dp",
+        "privacy.epsilon=3",
+        "model.tiny_hidden_size=64",
+        "data.num_examples=400",
+        "federation=smoke",
+        "federation.rounds=2",
+    )
+    rows = _rows(run_dir)
+    eps = [r["epsilon"] for r in rows[1:]]
+    assert all(e is not None for e in eps) and 0 < eps[0] < eps[1] <= 3.0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    clients = summary["privacy"]["clients"]
+    assert sorted(clients) == ["partition-0", "partition-1"]
+    assert all(c["dp-steps"] == 2 * 3 for c in clients.values())
+    # A and B of q_proj/v_proj have the same size here; FFA sends only B each way.
+    half = summary["adapter"]["parameters"] * 4 / 2
+    per_client_up = rows[1]["bytes_up"] / rows[1]["clients"]
+    assert half <= per_client_up <= half + 2048  # + keys, metrics, record headers
+    ledgers = sorted((run_dir / "client-state").rglob("dp-ledger.json"))
+    assert len(ledgers) == 2
+    assert not _leftovers(run_dir)

@@ -147,3 +147,39 @@ def test_uniform_weighting() -> None:
     assert arrays is not None
     expected = weighted_mean([_state(7), _state(8)], [1, 1])
     assert all(np.array_equal(arrays[k].numpy(), expected[k].numpy()) for k in KEYS)
+
+
+def test_a_client_with_a_spent_budget_is_skipped_not_dropped() -> None:
+    strategy = _strategy()
+    dp = {
+        "epsilon": 2.9,
+        "dp-noise-multiplier": 0.9,
+        "dp-sample-rate": 0.05,
+        "dp-steps": 30,
+        "dp-delta": 1e-5,
+        "partition-id": 3,
+    }
+    spent = _reply(
+        21,
+        RecordDict(
+            {
+                "arrays": ArrayRecord(),
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": 10,
+                        "train-loss": float("nan"),
+                        "train-seconds": 0.0,
+                        "dp-exhausted": 1,
+                        **dp,
+                    }
+                ),
+            }
+        ),
+    )
+    good = [_good(1, 7, 30), _good(2, 8, 10)]
+    arrays, _ = strategy.aggregate_train(4, [*good, spent])
+    stats = strategy.stats[4]
+    assert arrays is not None and stats.accepted == 2
+    assert stats.exhausted == [21] and not stats.dropped
+    assert stats.epsilon == pytest.approx(2.9)
+    assert strategy.privacy_summary()["partition-3"]["dp-steps"] == 30
