@@ -18,7 +18,6 @@ from torch import Tensor
 from fedlora.adapters import (
     StateDict,
     adapter_state,
-    factor_of,
     fingerprint,
     load_adapter_state,
     select,
@@ -28,10 +27,10 @@ from fedlora.runtime import collator, model_bundle, partition_dataset, set_train
 from fedlora.site import SiteConfig
 from fedlora.train import (
     EvalResult,
-    StepRule,
     TrainResult,
     derive_seed,
     evaluate,
+    step_rule,
     train_local,
 )
 from fedlora.variants import VARIANTS
@@ -117,20 +116,6 @@ def train_round(
     )
     state = select(adapter_state(bundle.model), factors)
     return RoundOutcome(state=state, result=result, num_examples=len(data))
-
-
-def step_rule(cfg: ClientConfig) -> StepRule:
-    """Per-step alternation, gradient filter and B/A learning-rate ratio."""
-    variant = VARIANTS.get(cfg.adapter.variant)
-    transform = None
-    if variant.lowpass and cfg.adapter.lowpass:
-        from fedlora.dp import lowpass_filter
-
-        def transform(name: str, grad: Tensor) -> Tensor:
-            factor = factor_of(name)
-            return grad if factor is None else lowpass_filter(grad, factor)
-
-    return StepRule(variant.factors_for_step, transform, cfg.adapter.lr_ratio_b)
 
 
 def check_frozen(

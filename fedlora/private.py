@@ -40,6 +40,7 @@ from fedlora.train import (
     activate_factors,
     derive_seed,
     lr_factor,
+    step_rule,
     to_device,
 )
 from fedlora.variants import VARIANTS
@@ -196,8 +197,6 @@ def dp_train_round(
     # Opacus hooks only modules trainable at wrap time (P2): wrap with every factor
     # of the round trainable, then toggle per step.
     set_trainable(model, factors, train_head=cfg.adapter.train_head)
-    from fedlora.client import step_rule
-
     rule = step_rule(cfg)
     trainer = DPTrainer(
         model,

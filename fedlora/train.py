@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from fedlora.adapters import factor_of
-from fedlora.config import TrainConfig
+from fedlora.config import ClientConfig, TrainConfig
+from fedlora.variants import VARIANTS
 
 Batch = dict[str, Tensor]
 Collate = Callable[[list[Batch]], Batch]
@@ -95,6 +96,20 @@ class StepRule(NamedTuple):
     factors_for_step: Callable[[int], frozenset[str]] | None = None
     grad_transform: Callable[[str, Tensor], Tensor] | None = None
     lr_ratio_b: float = 1.0
+
+
+def step_rule(cfg: ClientConfig) -> StepRule:
+    """Per-step alternation, gradient filter and B/A learning-rate ratio."""
+    variant = VARIANTS.get(cfg.adapter.variant)
+    transform = None
+    if variant.lowpass and cfg.adapter.lowpass:
+        from fedlora.dp import lowpass_filter
+
+        def transform(name: str, grad: Tensor) -> Tensor:
+            factor = factor_of(name)
+            return grad if factor is None else lowpass_filter(grad, factor)
+
+    return StepRule(variant.factors_for_step, transform, cfg.adapter.lr_ratio_b)
 
 
 def trainable_groups(
