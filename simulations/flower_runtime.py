@@ -17,7 +17,6 @@ option to restrict them, but they cannot collide. Its dashboard is minimal (no 8
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ from typing import Any
 
 import psutil
 
+from simulations.flwr_cli import log_errors, run_status
 from simulations.processes import is_alive, marked_processes, terminate
 
 CONNECTION_NAME = "fedlora-local"
@@ -297,7 +297,12 @@ class LocalSimulation:
         offset = self.superlink_log.stat().st_size if self.superlink_log.exists() else 0
         try:
             code, run_id, tail = self._stream(cmd, log_file)
-            status, details = self._run_status(run_id) if run_id else ("none", "")
+            status, details = ("none", "")
+            if run_id:
+                flwr = self._exe("flwr")
+                status, details = run_status(
+                    flwr, CONNECTION_NAME, run_id, self._env, self.work_dir
+                )
         except BaseException:  # Ctrl-C, SIGTERM, ...: stop everything, re-raise
             self.stop()
             raise
@@ -306,7 +311,8 @@ class LocalSimulation:
                 f"Flower run {run_id or '(none)'} failed: flwr exit code {code}, "
                 f"status {status!r}: {details}\n--- last output ---\n"
                 + "\n".join(tail)
-                + f"\n--- SuperLink errors ---\n{self._superlink_errors(offset)}"
+                + "\n--- SuperLink errors ---\n"
+                + log_errors(self.superlink_log, offset)
             )
         return code
 
@@ -343,38 +349,6 @@ class LocalSimulation:
         finally:
             if sink:
                 sink.close()
-
-    def _run_status(self, run_id: str, wait_s: float = 30.0) -> tuple[str, str]:
-        """Return ``(status, details)`` of a run once it is finished (or timeout)."""
-        cmd = [self._exe("flwr"), "ls", CONNECTION_NAME, "--run-id", run_id]
-        deadline = time.monotonic() + wait_s
-        while True:
-            res = subprocess.run(
-                [*cmd, "--format", "json"],
-                env=self._env,
-                cwd=self.work_dir,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            try:
-                info = json.loads(res.stdout)["runs"][0]
-                status, details = str(info["status"]), str(info["status-details"])
-            except (ValueError, KeyError, IndexError):
-                status, details = "unknown", (res.stdout + res.stderr)[-2000:]
-            if status.startswith("finished") or time.monotonic() > deadline:
-                return status, details
-            time.sleep(0.5)
-
-    def _superlink_errors(self, offset: int) -> str:
-        """Return the SuperLink log's ERROR lines written after byte ``offset``."""
-        if not self.superlink_log.is_file():
-            return ""
-        with self.superlink_log.open("rb") as fh:
-            fh.seek(offset)
-            text = fh.read().decode("utf-8", errors="replace")
-        return "\n".join(ln for ln in text.splitlines() if "ERROR" in ln)[-4000:]
 
     def owned_processes(self) -> list[psutil.Process]:
         """Return live processes we started (trees, env marker, Ray temp dir)."""
