@@ -90,9 +90,7 @@ def train_round(
             raise ValueError("privacy.mode='dp' needs the client's PrivacyLedger")
         from fedlora.private import dp_train_round
 
-        return RoundOutcome(
-            *dp_train_round(cfg, site, server_round, global_state, ledger)
-        )
+        return RoundOutcome(*dp_train_round(cfg, site, server_round, ledger))
     variant = VARIANTS.get(cfg.adapter.variant)
     factors = variant.factors_for_round(server_round)
     set_trainable(bundle.model, factors, train_head=cfg.adapter.train_head)

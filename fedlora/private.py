@@ -16,7 +16,6 @@ privacy claimed) they are seeded from the run seed, so such runs are reproducibl
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fedlora.adapters import adapter_state, load_adapter_state, select
+from fedlora.adapters import adapter_state, select
 from fedlora.config import ClientConfig
 from fedlora.dp import (
     DPSettings,
@@ -165,10 +164,12 @@ def dp_train_round(
     cfg: ClientConfig,
     site: SiteConfig,
     server_round: int,
-    global_state: Mapping[str, Tensor],
     ledger: PrivacyLedger,
 ) -> tuple[dict[str, Tensor], TrainResult, int, PrivacyReport]:
-    """One DP-SGD round from ``global_state``; ``ledger`` is updated in place.
+    """One DP-SGD round; ``ledger`` is updated in place.
+
+    ``train_round`` has already loaded the global adapter into the cached model
+    and checked the frozen tensors' fingerprint.
 
     Returns the trained tensors (empty when the budget is spent), the training
     result, the local dataset size and the privacy report.
@@ -191,7 +192,6 @@ def dp_train_round(
     ):
         empty = TrainResult(loss=float("nan"), steps=0, examples=0, seconds=0.0)
         return {}, empty, n, report(ledger, settings, exhausted=True)
-    load_adapter_state(model, global_state)
     variant = VARIANTS.get(cfg.adapter.variant)
     factors = variant.factors_for_round(server_round)
     # Opacus hooks only modules trainable at wrap time (P2): wrap with every factor

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from typing import Any
 
 import psutil
 
-from simulations.flwr_cli import log_errors, run_status
+from simulations.flwr_cli import file_tail, find_free_port, log_errors, run_status
 from simulations.processes import is_alive, marked_processes, terminate
 
 CONNECTION_NAME = "fedlora-local"
@@ -48,21 +47,6 @@ _LEGACY_GRPC_ENV = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def find_free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is currently free on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    """Return the last ``lines`` lines of a text file (empty if missing)."""
-    if not path.is_file():
-        return ""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _raise_system_exit(signum: int, _frame: FrameType | None) -> None:
@@ -230,7 +214,8 @@ class LocalSimulation:
                     return False
                 raise RuntimeError(
                     f"flower-superlink exited with code {proc.returncode} at startup:"
-                    f"\n{_tail(self.superlink_stdout)}\n(see {self.superlink_stdout})"
+                    f"\n{file_tail(self.superlink_stdout)}\n"
+                    f"(see {self.superlink_stdout})"
                 )
             try:
                 with _NO_PROXY.open(f"http://{self.address}/health", timeout=1) as res:
@@ -241,7 +226,7 @@ class LocalSimulation:
             time.sleep(0.1)
         raise RuntimeError(
             f"flower-superlink not healthy on {self.address} after "
-            f"{self._startup_timeout:.1f}s:\n{_tail(self.superlink_stdout)}\n"
+            f"{self._startup_timeout:.1f}s:\n{file_tail(self.superlink_stdout)}\n"
             f"(see {self.superlink_stdout} and {self.superlink_log})"
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from collections.abc import Mapping
@@ -56,3 +57,18 @@ def log_errors(path: Path, offset: int) -> str:
         fh.seek(offset)
         text = fh.read().decode("utf-8", errors="replace")
     return "\n".join(ln for ln in text.splitlines() if "ERROR" in ln)[-4000:]
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is currently free on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def file_tail(path: Path, lines: int = 30) -> str:
+    """Return the last ``lines`` lines of a text file (empty if missing)."""
+    if not path.is_file():
+        return ""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
