@@ -2,7 +2,7 @@
 
 Commands (from the repository root)::
 
-    python -m simulations.run                        # default job (~3 min CPU)
+    python -m simulations.run                        # default job (~1.5 min, 2 CPUs)
     python -m simulations.run federation.rounds=10 adapter.rank=16
     python -m simulations.run model=tiny_llama data=synthetic_instruct
     python -m simulations.run data=local data.path=train.tsv data.text_column=sentence
