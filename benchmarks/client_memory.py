@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # decoder/encoder linears; the (tied) 30,522-token embedding stays float32, so the
 # saving grows with depth: ``linear_share`` in the report says how much can shrink.
 _TINY_LLAMA = (
-    "model=tiny_llama", "data=synthetic_instruct", "model.tiny_hidden_size=512"
+    "model=tiny_llama",
+    "data=synthetic_instruct",
+    "model.tiny_hidden_size=512",
 )
 MEMORY_MODELS: dict[str, tuple[str, ...]] = {
     "minilm": (),
@@ -165,7 +167,8 @@ def memory_probe(overrides: Sequence[str], threads: int) -> dict[str, Any]:
         "bitsandbytes_import_mib": (rss_base - rss_runtime) / mib,
         "model_rss_mib": (rss_load - rss_base) / mib,
         "model_load_peak_mib": (peak_load - max(rss_base, peak_base)) / mib
-        if peak_load > max(rss_base, peak_base) else 0.0,
+        if peak_load > max(rss_base, peak_base)
+        else 0.0,
         "rss_after_load_mib": rss_load / mib,
         "rss_after_load_parts_mib": parts_load,
         "peak_rss_after_load_mib": peak_load / mib,
@@ -181,8 +184,14 @@ def memory_probe(overrides: Sequence[str], threads: int) -> dict[str, Any]:
 
 
 def _probe_subprocess(overrides: Sequence[str], threads: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.client_memory", "--threads", str(threads),
-           *[f"-o{o}" for o in overrides]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.client_memory",
+        "--threads",
+        str(threads),
+        *[f"-o{o}" for o in overrides],
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if res.returncode != 0:
@@ -198,9 +207,7 @@ def _prepare_weights(overrides: Sequence[str]) -> None:
     weights_location(cfg.model)
 
 
-def memory_report(
-    models: Mapping[str, Sequence[str]], threads: int
-) -> dict[str, Any]:
+def memory_report(models: Mapping[str, Sequence[str]], threads: int) -> dict[str, Any]:
     """NF4 and float32 probes per model, with NF4/float32 ratios side by side."""
     report: dict[str, Any] = {}
     for label, overrides in models.items():
@@ -210,8 +217,13 @@ def memory_report(
             for q in QUANTIZATIONS
         }
         nf4, f32 = probes["nf4"], probes["none"]
-        ratio_keys = ("memory_footprint_mib", "model_rss_mib", "rss_after_load_mib",
-                      "peak_rss_mib", "seconds_per_step")
+        ratio_keys = (
+            "memory_footprint_mib",
+            "model_rss_mib",
+            "rss_after_load_mib",
+            "peak_rss_mib",
+            "seconds_per_step",
+        )
         report[label] = {
             "nf4": nf4,
             "float32": f32,
@@ -223,10 +235,19 @@ def memory_report(
 def main(argv: Sequence[str] | None = None) -> None:
     """Run one probe in this process and print it as one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-o", "--override", action="append", default=[],
-                        help="Hydra override (repeatable)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1 = a Ray actor's)")
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        help="Hydra override (repeatable)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1 = a Ray actor's)",
+    )
     args = parser.parse_args(argv)
     print(json.dumps(memory_probe(args.override, args.threads)))
 

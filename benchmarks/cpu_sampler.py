@@ -107,6 +107,7 @@ class CpuSampler:
 
     def between(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds per group between two monotonic times (nearest samples)."""
+
         def at(t: float) -> dict[str, float]:
             return min(self.samples, key=lambda s: abs(s[0] - t))[1]
 
@@ -129,8 +130,11 @@ def watch_rows(path: Path, stop: threading.Event, stamps: list[float]) -> None:
 def _phase(sampler: CpuSampler, start: float, end: float) -> dict[str, Any]:
     cpu = sampler.between(start, end)
     wall = max(end - start, 1e-9)
-    return {"wall": round(wall, 2), "cpu": cpu,
-            "cores_busy": {k: round(v / wall, 2) for k, v in cpu.items()}}
+    return {
+        "wall": round(wall, 2),
+        "cpu": cpu,
+        "cores_busy": {k: round(v / wall, 2) for k, v in cpu.items()},
+    }
 
 
 def cpu_report(
@@ -153,11 +157,13 @@ def cpu_report(
     # stamps[i] is when row i (round i) appeared; round 0 is the initial eval.
     for row, begin, end in zip(rows[1:], stamps, stamps[1:], strict=False):
         tail = float(row["seconds"]) - float(row["train_phase_seconds"])
-        per_round.append({
-            "round": int(row["round"]),
-            "train": _phase(sampler, begin, end - tail),
-            "eval": _phase(sampler, end - tail, end),
-        })
+        per_round.append(
+            {
+                "round": int(row["round"]),
+                "train": _phase(sampler, begin, end - tail),
+                "eval": _phase(sampler, end - tail, end),
+            }
+        )
     return {
         "cores": cores,
         "wall_seconds": round(ended - started, 2),

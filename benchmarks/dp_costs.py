@@ -32,7 +32,6 @@ Commands (from the repository root; one benchmark at a time, it uses one core)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -44,10 +43,10 @@ from typing import Any
 
 from torch import Tensor
 
+from benchmarks.output import write_result
 from benchmarks.round_costs import _rounded
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 VARIANT_NAMES = ("lora", "ffa", "la_lora", "rolora")
 ROUNDS = (1, 2)
 MODES = ("none", "dp")
@@ -153,7 +152,9 @@ def variant_costs(
     return {
         "timing": timing,
         "bytes": wire,
-        "dp": None if privacy is None else {
+        "dp": None
+        if privacy is None
+        else {
             "noise_multiplier": privacy.noise_multiplier,
             "sample_rate": privacy.sample_rate,
             "epsilon_after_one_round": privacy.epsilon,
@@ -204,10 +205,12 @@ def model_report(
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--models", nargs="*", choices=list(MODELS),
-                        default=list(MODELS))
-    parser.add_argument("--variants", nargs="*", choices=VARIANT_NAMES,
-                        default=list(VARIANT_NAMES))
+    parser.add_argument(
+        "--models", nargs="*", choices=list(MODELS), default=list(MODELS)
+    )
+    parser.add_argument(
+        "--variants", nargs="*", choices=VARIANT_NAMES, default=list(VARIANT_NAMES)
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats")
     parser.add_argument("--steps", type=int, default=10, help="local steps a round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -230,19 +233,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "local_steps": args.steps,
         "repeats": args.repeats,
         "privacy": {"epsilon": EPSILON, "delta": 1e-5, "accountant": "rdp"},
-        "models": _rounded({
-            label: model_report(label, args.variants, args.steps, args.repeats)
-            for label in args.models
-        }),
+        "models": _rounded(
+            {
+                label: model_report(label, args.variants, args.steps, args.repeats)
+                for label in args.models
+            }
+        ),
     }
     out["seconds"] = round(time.perf_counter() - started, 1)
     out["host_at_end"] = {"loadavg": os.getloadavg()}
-    text = json.dumps(out, indent=2)
-    path = args.output or RESULTS / f"dp_costs-{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-    print(text)
-    print(f"[dp_costs] wrote {path}", file=sys.stderr)
+    write_result("dp_costs", stamp, out, args.output)
     return out
 
 

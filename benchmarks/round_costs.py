@@ -65,9 +65,9 @@ from typing import Any
 
 from benchmarks.client_memory import DEFAULT_MEMORY_MODELS, MEMORY_MODELS, memory_report
 from benchmarks.cpu_sampler import MARKER_ENV, CpuSampler, cpu_report, watch_rows
+from benchmarks.output import RESULTS, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 STEADY_FROM_ROUND = 2
 TARGET_OTHER_FRACTION = 0.10
 
@@ -267,15 +267,24 @@ def _host() -> dict[str, Any]:
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-o", "--override", action="append", default=[],
-                        help="Hydra override for the launcher (repeatable)")
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        help="Hydra override for the launcher (repeatable)",
+    )
     parser.add_argument("--run-dir", type=Path, help="run dir (default: results/runs/)")
     parser.add_argument("--from-run", type=Path, help="analyse this finished run")
     parser.add_argument("--parallel", type=int, help="P (default: cores // cpus)")
     parser.add_argument("--skip-federation", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--memory-models", nargs="*", choices=list(MEMORY_MODELS),
-                        default=list(DEFAULT_MEMORY_MODELS))
+    parser.add_argument(
+        "--memory-models",
+        nargs="*",
+        choices=list(MEMORY_MODELS),
+        default=list(DEFAULT_MEMORY_MODELS),
+    )
     parser.add_argument("--threads", type=int, help="torch threads in memory probes")
     parser.add_argument("--output", type=Path, help="JSON file (default: results/)")
     return parser.parse_args(argv)
@@ -301,12 +310,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         out["memory_torch_threads"] = threads
     out["host_at_end"] = {"loadavg": os.getloadavg()}
     out = _rounded(out)
-    text = json.dumps(out, indent=2)
-    path = args.output or RESULTS / f"round_costs-{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-    print(text)
-    print(f"[round_costs] wrote {path}", file=sys.stderr)
+    write_result("round_costs", stamp, out, args.output)
     return out
 
 
