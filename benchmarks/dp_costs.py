@@ -46,7 +46,6 @@ from torch import Tensor
 from benchmarks.output import write_result
 from benchmarks.round_costs import _rounded
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANT_NAMES = ("lora", "ffa", "la_lora", "rolora")
 ROUNDS = (1, 2)
 MODES = ("none", "dp")
