@@ -37,7 +37,7 @@ REQUIRED = {
 PAIRED = {
     ("data", "synthetic_instruct"): ["model=tiny_llama"],
 }
-EXPECTED_FILES = 18
+EXPECTED_FILES = 21
 
 
 def _compose(overrides: list[str]) -> dict[str, Any]:
@@ -46,6 +46,16 @@ def _compose(overrides: list[str]) -> dict[str, Any]:
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     return container
+
+
+def _group_yaml(group: str, option: str) -> Any:
+    """The option's own keys merged over the options its defaults list names."""
+    node = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+    merged = OmegaConf.create()
+    for base in node.pop("defaults", []):
+        if base != "_self_":
+            merged = OmegaConf.merge(merged, _group_yaml(group, str(base)))
+    return OmegaConf.merge(merged, node)
 
 
 def _options() -> list[tuple[str, str]]:
@@ -80,7 +90,7 @@ def test_group_yaml_keys_equal_dataclass_fields() -> None:
     """Every dataclass field is overridable from the CLI, and nothing else exists."""
     failures = []
     for group, option in _options():
-        node = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+        node = _group_yaml(group, option)
         cls = type(getattr(ExperimentConfig(), GROUP_CLASSES[group]))
         want = {f.name for f in dataclasses.fields(cls)}
         got = set(node.keys())
@@ -100,6 +110,32 @@ def test_pyproject_run_config_equals_schema_and_defaults() -> None:
     assert not differ, differ
     hydra_default, _ = from_hydra(_compose([]))
     assert flatten_config(hydra_default) == schema
+
+
+def test_dp_variants_sweep_is_the_issue_grid() -> None:
+    """conf/dp_variants.yaml: 4 adapters x {none, eps 3, eps 1} x 3 seeds, all valid."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="dp_variants", return_hydra_config=True)
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    assert params == {
+        "adapter": ["lora", "ffa", "la_lora", "rolora"],
+        "privacy": ["none", "dp_eps3", "dp_eps1"],
+        "seed": ["0", "1", "2"],
+    }
+    for adapter in params["adapter"]:
+        for privacy in params["privacy"]:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+                job = compose(
+                    config_name="dp_variants",
+                    overrides=[f"adapter={adapter}", f"privacy={privacy}"],
+                )
+            container = OmegaConf.to_container(job, resolve=True)
+            assert isinstance(container, dict)
+            exp, _ = from_hydra(container)
+            want = {"none": 0.0, "dp_eps3": 3.0, "dp_eps1": 1.0}[privacy]
+            assert exp.privacy.epsilon == want
+            assert exp.privacy.mode == ("none" if privacy == "none" else "dp")
+            assert exp.data.num_examples == 32000
 
 
 @pytest.mark.parametrize(
