@@ -23,6 +23,7 @@ from fedlora.adapters import (
     select,
 )
 from fedlora.config import ClientConfig
+from fedlora.configtools import ConfigError
 from fedlora.runtime import collator, model_bundle, partition_dataset, set_trainable
 from fedlora.site import SiteConfig
 from fedlora.train import (
@@ -49,12 +50,41 @@ class RoundOutcome(NamedTuple):
     privacy: PrivacyReport | None = None  # privacy=dp only
 
 
+def site_rank(cfg: ClientConfig, site: SiteConfig) -> int:
+    """Return the site's LoRA rank: node-config ``rank``, else ``client_ranks``."""
+    rank = site.rank or cfg.rank_of(site.partition_id)
+    if rank > cfg.adapter.rank:
+        raise ConfigError(
+            f"this site's LoRA rank {rank} exceeds adapter.rank={cfg.adapter.rank}, "
+            "the run's global (maximum) rank; lower node-config rank or raise "
+            "adapter.rank on the server"
+        )
+    return rank
+
+
 def for_site(cfg: ClientConfig, site: SiteConfig) -> ClientConfig:
-    """Apply site overrides (device) from node-config to the run's config."""
+    """Apply site overrides (device, rank) from node-config to the run's config."""
     if site.device:
         model = dataclasses.replace(cfg.model, device=site.device)
-        return dataclasses.replace(cfg, model=model)
+        cfg = dataclasses.replace(cfg, model=model)
+    rank = site_rank(cfg, site)
+    if rank != cfg.adapter.rank:
+        adapter = dataclasses.replace(cfg.adapter, rank=rank)
+        federation = dataclasses.replace(cfg.federation, client_ranks=())
+        cfg = dataclasses.replace(cfg, adapter=adapter, federation=federation)
     return cfg
+
+
+def check_rank(cfg: ClientConfig, received: Mapping[str, Tensor]) -> None:
+    """Refuse factors of another rank with a message that names the fix."""
+    for key, tensor in received.items():
+        if key.endswith(".lora_A.weight") and tensor.shape[0] != cfg.adapter.rank:
+            raise ValueError(
+                f"the server sent rank-{tensor.shape[0]} LoRA factors but this site "
+                f"trains at rank {cfg.adapter.rank} (node-config rank / "
+                "federation.client_ranks). strategy=fedavg needs one rank everywhere; "
+                "use strategy=hetlora, flexlora or she_lora for mixed ranks"
+            )
 
 
 def train_round(
@@ -82,6 +112,7 @@ def train_round(
         in place).
     """
     cfg = for_site(cfg, site)
+    check_rank(cfg, global_state)
     bundle = model_bundle(cfg)
     load_adapter_state(bundle.model, global_state)
     check_frozen(bundle.model, global_state, frozen_fingerprint)
@@ -137,6 +168,7 @@ def evaluate_round(
 ) -> EvalResult:
     """Evaluate the global adapter on this client's local data."""
     cfg = for_site(cfg, site)
+    check_rank(cfg, global_state)
     bundle = model_bundle(cfg)
     load_adapter_state(bundle.model, global_state)
     data = partition_dataset(
@@ -150,3 +182,30 @@ def evaluate_round(
         batch_size=cfg.train.eval_batch_size,
         device=bundle.device,
     )
+
+
+def column_scores_for_site(
+    cfg: ClientConfig, site: SiteConfig, budget: int, samples: int = 128
+) -> dict[str, tuple[list[int], list[float]]]:
+    """SHE-LoRA calibration: the ``budget`` most sensitive columns per matrix.
+
+    Runs the site's model (its own rank) over up to ``samples`` local examples
+    and scores every input column by ``sum |A[:, j]| * ||X_j||`` (algorithms.md §5.3).
+    """
+    from fedlora.she.client import input_norms, matrix_names, sensitivity
+    from fedlora.train import to_device
+
+    cfg = for_site(cfg, site)
+    bundle = model_bundle(cfg)
+    data = partition_dataset(
+        cfg, site.partition_id, site.num_partitions, site.data_path
+    )
+    collate = collator(cfg)
+    n, size = min(samples, len(data)), cfg.train.eval_batch_size
+    batches = [
+        to_device(collate([data[i] for i in range(s, min(n, s + size))]), bundle.device)
+        for s in range(0, n, size)
+    ]
+    state = adapter_state(bundle.model)
+    norms = input_norms(bundle.model, batches, matrix_names(state))
+    return sensitivity(state, norms, budget)

@@ -12,8 +12,15 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora.adapters import from_record, to_record
-from fedlora.client import evaluate_round, train_round
+from fedlora.client import (
+    column_scores_for_site,
+    evaluate_round,
+    for_site,
+    site_rank,
+    train_round,
+)
 from fedlora.config import ClientConfig
+from fedlora.she import flower as she
 from fedlora.site import SiteConfig
 
 app = ClientApp()
@@ -30,6 +37,14 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     server_round = int(str(config["server-round"]))
     frozen = str(config.get("frozen-fingerprint", ""))
+    global_state = from_record(arrays_in)
+    she_ctx, she_metrics = None, {}
+    if she.is_she(config):
+        she_ctx = she.secret_context(site, context.run_config)
+        global_state, seconds = she.received_state(
+            msg.content, for_site(cfg, site), she_ctx
+        )
+        she_metrics["he-decrypt-seconds"] = seconds
     ledger, ledger_file = None, None
     if cfg.privacy.mode == "dp":
         from fedlora.private import ledger_path, load_ledger
@@ -39,13 +54,18 @@ def train(msg: Message, context: Context) -> Message:
         )
         stored = context.state.config_records.get(LEDGER_RECORD)
         ledger = load_ledger(cfg, ledger_file, str(stored["ledger"]) if stored else "")
-    outcome = train_round(
-        cfg, site, server_round, from_record(arrays_in), frozen, ledger
-    )
+    outcome = train_round(cfg, site, server_round, global_state, frozen, ledger)
     if ledger is not None and ledger_file is not None:
         ledger.save(ledger_file)
         context.state[LEDGER_RECORD] = ConfigRecord({"ledger": ledger.to_json()})
-    arrays_out = to_record(outcome.state)
+    records: dict[str, ConfigRecord] = {}
+    state_out = outcome.state
+    if she_ctx is not None:
+        state_out, records, sealed = she.sealed_reply(
+            outcome.state, config, for_site(cfg, site), she_ctx, outcome.num_examples
+        )
+        she_metrics.update(sealed)
+    arrays_out = to_record(state_out)
     values: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": outcome.num_examples,
         "train-loss": outcome.result.loss,
@@ -67,8 +87,11 @@ def train(msg: Message, context: Context) -> Message:
                 "dp-exhausted": int(p.exhausted),
             }
         )
-    metrics = MetricRecord(values)
-    return Message(RecordDict({"arrays": arrays_out, "metrics": metrics}), reply_to=msg)
+    values.update(she_metrics)
+    content = RecordDict({"arrays": arrays_out, "metrics": MetricRecord(values)})
+    for key, record in records.items():
+        content[key] = record
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()
@@ -76,7 +99,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter on this client's data."""
     cfg = ClientConfig.from_run_config(context.run_config)
     site = SiteConfig.from_node_config(context.node_config)
-    result = evaluate_round(cfg, site, from_record(msg.content.array_records["arrays"]))
+    state = from_record(msg.content.array_records["arrays"])
+    if she.is_she(msg.content.config_records["config"]):
+        ctx = she.secret_context(site, context.run_config)
+        state, _ = she.received_state(msg.content, for_site(cfg, site), ctx)
+    result = evaluate_round(cfg, site, state)
     values: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": result.num_examples,
         "eval-loss": result.loss,
@@ -86,3 +113,30 @@ def evaluate(msg: Message, context: Context) -> Message:
     if result.perplexity is not None:
         values["eval-perplexity"] = result.perplexity
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answer the server's questions about this site (rank, HE budget, scores)."""
+    cfg = ClientConfig.from_run_config(context.run_config)
+    site = SiteConfig.from_node_config(context.node_config)
+    kind = str(msg.content.config_records["config"].get("fedlora-query", ""))
+    budget = she.budget_of(site, context.run_config)
+    if kind == "site":
+        info = MetricRecord(
+            {
+                "rank": site_rank(cfg, site),
+                "he-budget": budget,
+                "partition-id": site.partition_id,
+            }
+        )
+        return Message(RecordDict({"site": info}), reply_to=msg)
+    if kind == "she-sensitivity":
+        scores = ConfigRecord()
+        for name, (pos, sc) in column_scores_for_site(cfg, site, budget).items():
+            scores[f"pos:{name}"] = pos
+            scores[f"score:{name}"] = sc
+        return Message(RecordDict({"she-scores": scores}), reply_to=msg)
+    raise ValueError(
+        f"unknown query {kind!r}; this client answers site, she-sensitivity"
+    )

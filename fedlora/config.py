@@ -15,6 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedlora.configtools import ConfigError, build_config, check_choice, check_range
+from fedlora.privacy_config import PrivacyConfig
+
+__all__ = [
+    "AdapterConfig",
+    "ClientConfig",
+    "DataConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "PrivacyConfig",
+    "TrainConfig",
+]
 
 TASKS = ("classification", "causal_lm")
 QUANTIZATIONS = ("none", "nf4", "int8")
@@ -22,8 +33,6 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 PARTITIONERS = ("iid", "dirichlet")
 SCHEDULERS = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
-PRIVACY_MODES = ("none", "dp")
-ACCOUNTANTS = ("rdp", "prv")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -244,6 +253,13 @@ class FederationConfig:
     round_timeout: float = field(
         default=3600.0, metadata=_help("Seconds to wait for replies in a round.")
     )
+    client_ranks: tuple[int, ...] = field(
+        default=(),
+        metadata=_help(
+            "LoRA rank per client (client i gets entry i mod len), each <= "
+            "adapter.rank, the global maximum; empty = every client uses adapter.rank."
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_range("federation.clients", self.clients, low=1)
@@ -263,82 +279,13 @@ class FederationConfig:
         check_range(
             "federation.round_timeout", self.round_timeout, low=0, low_open=True
         )
+        for i, r in enumerate(self.client_ranks):
+            check_range(f"federation.client_ranks[{i}]", r, low=1)
         if self.min_clients > self.clients:
             raise ConfigError(
                 f"federation.min_clients={self.min_clients} exceeds "
                 f"federation.clients={self.clients}; lower min_clients"
             )
-
-
-@dataclass(frozen=True)
-class PrivacyConfig:
-    """Client-side privacy mechanism (Hydra group ``privacy``).
-
-    ``dp`` is sample-level (epsilon, delta)-DP per client with DP-SGD (Opacus):
-    Poisson sampling, flat per-sample clipping over the trainable tensors, Gaussian
-    noise, and an accountant that spans every round the client takes part in.
-    """
-
-    mode: str = field(default="none", metadata=_help("none or dp (DP-SGD)."))
-    epsilon: float = field(
-        default=0.0,
-        metadata=_help(
-            "Target epsilon for the whole run (noise calibrated once); 0 = not set."
-        ),
-    )
-    noise_multiplier: float = field(
-        default=-1.0,
-        metadata=_help("Explicit noise multiplier sigma; -1 = calibrate from epsilon."),
-    )
-    delta: float = field(default=1e-5, metadata=_help("delta of (epsilon, delta)-DP."))
-    max_grad_norm: float = field(
-        default=1.0, metadata=_help("Per-sample clipping norm C (inf = no clipping).")
-    )
-    accountant: str = field(default="rdp", metadata=_help("rdp or prv."))
-    state_dir: str = field(
-        default="",
-        metadata=_help(
-            "Where clients keep their accountant; empty = <output_dir>/client-state "
-            "(a site's node-config state-dir wins)."
-        ),
-    )
-
-    def __post_init__(self) -> None:
-        check_choice("privacy.mode", self.mode, PRIVACY_MODES)
-        check_choice("privacy.accountant", self.accountant, ACCOUNTANTS)
-        if self.mode == "none":
-            if self.epsilon > 0 or self.noise_multiplier >= 0:
-                warnings.warn(
-                    "privacy.epsilon / privacy.noise_multiplier are ignored with "
-                    "privacy.mode='none'",
-                    stacklevel=2,
-                )
-            return
-        if self.epsilon < 0:
-            raise ConfigError(
-                f"privacy.epsilon={self.epsilon} must be > 0 (or 0 to give "
-                "privacy.noise_multiplier instead)"
-            )
-        if self.noise_multiplier < 0 and self.noise_multiplier != -1.0:
-            raise ConfigError(
-                f"privacy.noise_multiplier={self.noise_multiplier} must be >= 0 "
-                "(or -1 to calibrate it from privacy.epsilon)"
-            )
-        if self.epsilon > 0 and self.noise_multiplier >= 0:
-            raise ConfigError(
-                f"privacy.epsilon={self.epsilon} and privacy.noise_multiplier="
-                f"{self.noise_multiplier} are both given; give one (set "
-                "privacy.epsilon=0 to use the explicit noise multiplier)"
-            )
-        if self.epsilon == 0 and self.noise_multiplier < 0:
-            raise ConfigError(
-                "privacy.mode='dp' needs privacy.epsilon > 0 (a target for the whole "
-                "run) or privacy.noise_multiplier >= 0"
-            )
-        check_range(
-            "privacy.delta", self.delta, low=0, high=1, low_open=True, high_open=True
-        )
-        check_range("privacy.max_grad_norm", self.max_grad_norm, low=0, low_open=True)
 
 
 # Prefixes (dataclass field names) the client reads from the run-config.
@@ -357,6 +304,11 @@ class ClientConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
+    def rank_of(self, partition_id: int) -> int:
+        """LoRA rank of simulated client ``partition_id`` (deterministic)."""
+        ranks = self.federation.client_ranks
+        return ranks[partition_id % len(ranks)] if ranks else self.adapter.rank
+
     def __post_init__(self) -> None:
         from fedlora.models import MODEL_PRESETS
 
@@ -367,6 +319,13 @@ class ClientConfig:
                     f"model.name={self.model.name!r} supports data.task in "
                     f"{list(tasks)}, not {self.data.task!r}; pick another model or data"
                 )
+        above = [r for r in self.federation.client_ranks if r > self.adapter.rank]
+        if above:
+            raise ConfigError(
+                f"federation.client_ranks={list(self.federation.client_ranks)} has "
+                f"ranks {above} above adapter.rank={self.adapter.rank}, the global "
+                f"(maximum) rank; set adapter.rank={max(above)} or lower those ranks"
+            )
         if self.privacy.mode == "dp":
             if self.model.gradient_checkpointing:
                 raise ConfigError(

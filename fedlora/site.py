@@ -12,7 +12,16 @@ from typing import Any
 
 from fedlora.configtools import ConfigError
 
-NODE_KEYS = ("partition-id", "num-partitions", "data-path", "device", "state-dir")
+NODE_KEYS = (
+    "partition-id",
+    "num-partitions",
+    "data-path",
+    "device",
+    "state-dir",
+    "rank",
+    "he-budget",
+    "he-secret-context",
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,12 @@ class SiteConfig:
         Overrides ``model.device`` at this site (``cpu`` or ``cuda``).
     state_dir : str (default: "")
         Where this site keeps state across restarts (the DP ledger).
+    rank : int (default: 0)
+        This site's LoRA rank (<= the run's adapter.rank); 0 = from the run config.
+    he_budget : int (default: -1)
+        SHE-LoRA: encrypted columns per adapted matrix; -1 = from the run config.
+    he_secret_context : str (default: "")
+        SHE-LoRA: the clients' secret CKKS context file; "" = from the run config.
     """
 
     partition_id: int = 0
@@ -38,6 +53,9 @@ class SiteConfig:
     data_path: str = ""
     device: str = ""
     state_dir: str = ""
+    rank: int = 0
+    he_budget: int = -1
+    he_secret_context: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.partition_id < self.num_partitions:
@@ -45,6 +63,8 @@ class SiteConfig:
                 f"node-config partition-id={self.partition_id} must be in "
                 f"[0, num-partitions={self.num_partitions})"
             )
+        if self.rank < 0:
+            raise ConfigError(f"node-config rank={self.rank} must be >= 1 (0 = unset)")
         if self.device not in ("", "cpu", "cuda", "auto"):
             raise ConfigError(
                 f"node-config device={self.device!r}; allowed: cpu, cuda, auto"
@@ -60,6 +80,9 @@ class SiteConfig:
                 data_path=str(node_config.get("data-path", "")),
                 device=str(node_config.get("device", "")),
                 state_dir=str(node_config.get("state-dir", "")),
+                rank=int(node_config.get("rank", 0)),
+                he_budget=int(node_config.get("he-budget", -1)),
+                he_secret_context=str(node_config.get("he-secret-context", "")),
             )
         except (TypeError, ValueError) as err:
             raise ConfigError(

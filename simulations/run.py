@@ -30,8 +30,29 @@ from omegaconf import DictConfig, OmegaConf
 from fedlora.configtools import ConfigError
 from simulations.experiment import CONF_DIR, PROJECT_ROOT, from_hydra, write_run_config
 from simulations.flower_runtime import LocalSimulation
+from strategies.config import ExperimentConfig
 from strategies.rundir import RunDir
 from strategies.table import format_table
+
+
+def with_he_keys(experiment: ExperimentConfig) -> ExperimentConfig:
+    """SHE-LoRA without given contexts: make a fresh pair in the run directory.
+
+    The server gets the public file, the simulated clients the secret one (a
+    deployment creates them with ``python -m fedlora.she.keys`` instead).
+    """
+    strategy = experiment.strategy
+    if strategy.name != "she_lora" or strategy.he_public_context:
+        return experiment
+    from fedlora.she.keys import create_contexts
+
+    secret, public = create_contexts(Path(experiment.output_dir) / "he-keys")
+    strategy = dataclasses.replace(
+        strategy,
+        he_public_context=str(public),
+        he_secret_context=strategy.he_secret_context or str(secret),
+    )
+    return dataclasses.replace(experiment, strategy=strategy)
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
@@ -47,6 +68,7 @@ def main(cfg: DictConfig) -> None:
     job_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     if not experiment.output_dir:
         experiment = dataclasses.replace(experiment, output_dir=str(job_dir))
+    experiment = with_he_keys(experiment)
     # 3. Flower run-config
     run_config = job_dir / "run_config.toml"
     write_run_config(experiment, run_config)

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedlora.config import ClientConfig
-from fedlora.configtools import build_config, check_choice
+from fedlora.configtools import ConfigError, build_config, check_choice
 
 WEIGHTINGS = ("num_examples", "uniform")
+# Strategies that accept clients of different LoRA ranks.
+RANK_AWARE = ("hetlora", "flexlora", "she_lora")
 
 
 @dataclass(frozen=True)
@@ -23,11 +25,37 @@ class StrategyConfig:
     """How the server merges client adapters (Hydra group ``strategy``)."""
 
     name: str = field(
-        default="fedavg", metadata={"help": "Aggregation strategy: fedavg."}
+        default="fedavg",
+        metadata={"help": "Aggregation: fedavg, hetlora, flexlora or she_lora."},
     )
     weighting: str = field(
         default="num_examples",
         metadata={"help": "Client weights: num_examples (data size) or uniform."},
+    )
+    norm_weighting: bool = field(
+        default=True,
+        metadata={"help": "hetlora: also weight clients by ||s B A||_F."},
+    )
+    he_budgets: tuple[int, ...] = field(
+        default=(4,),
+        metadata={
+            "help": "she_lora: encrypted columns per adapted matrix per client "
+            "(client i gets entry i mod len; a site's node-config he-budget wins)."
+        },
+    )
+    he_public_context: str = field(
+        default="",
+        metadata={
+            "help": "she_lora: the server's public CKKS context file; empty = the "
+            "simulation launcher creates a key pair in <output_dir>/he-keys."
+        },
+    )
+    he_secret_context: str = field(
+        default="",
+        metadata={
+            "help": "she_lora, simulation only: the clients' secret context file "
+            "(a site's node-config he-secret-context wins; never sent to the server)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -35,6 +63,11 @@ class StrategyConfig:
 
         check_choice("strategy.name", self.name, STRATEGIES.names())
         check_choice("strategy.weighting", self.weighting, WEIGHTINGS)
+        for i, k in enumerate(self.he_budgets):
+            if k < 0:
+                raise ConfigError(
+                    f"strategy.he_budgets[{i}]={k}: a column budget must be >= 0"
+                )
 
 
 @dataclass(frozen=True)
@@ -46,6 +79,29 @@ class ExperimentConfig(ClientConfig):
         default="",
         metadata={"help": "Run directory; empty = ./outputs/flwr-run/<timestamp>."},
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ranks = set(self.federation.client_ranks) | {self.adapter.rank}
+        if len(ranks) > 1 and self.strategy.name not in RANK_AWARE:
+            raise ConfigError(
+                f"federation.client_ranks={list(self.federation.client_ranks)} gives "
+                f"clients different LoRA ranks (adapter.rank={self.adapter.rank} is "
+                f"the global one), which strategy={self.strategy.name} cannot merge; "
+                f"use strategy={' | '.join(RANK_AWARE)}"
+            )
+        if self.strategy.name in RANK_AWARE and self.adapter.variant != "lora":
+            raise ConfigError(
+                f"strategy={self.strategy.name} merges both factors of every client; "
+                f"adapter={self.adapter.variant} trains or sends one only. Use "
+                "adapter=lora"
+            )
+        if self.strategy.name == "she_lora" and self.federation.fraction_evaluate == 0:
+            raise ConfigError(
+                "strategy=she_lora: the server cannot decrypt the merged update, so "
+                "only the clients can evaluate it; set federation.fraction_evaluate "
+                "> 0 (e.g. 1.0)"
+            )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ExperimentConfig:

@@ -21,7 +21,28 @@ def _fedavg(cfg: ExperimentConfig) -> FedAvgLora:
     return FedAvgLora.from_config(cfg)
 
 
+def _hetlora(cfg: ExperimentConfig) -> FedAvgLora:
+    from strategies.hetlora import HetLora
+
+    return HetLora.from_config(cfg)
+
+
+def _flexlora(cfg: ExperimentConfig) -> FedAvgLora:
+    from strategies.flexlora import FlexLora
+
+    return FlexLora.from_config(cfg)
+
+
+def _she_lora(cfg: ExperimentConfig) -> FedAvgLora:
+    from strategies.she_lora import SheLora
+
+    return SheLora.from_config(cfg)
+
+
 STRATEGIES.register("fedavg", _fedavg)
+STRATEGIES.register("hetlora", _hetlora)
+STRATEGIES.register("flexlora", _flexlora)
+STRATEGIES.register("she_lora", _she_lora)
 
 
 def build_strategy(cfg: ExperimentConfig) -> FedAvgLora:

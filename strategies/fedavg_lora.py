@@ -38,6 +38,8 @@ class RoundStats:
     # privacy=dp: nodes whose budget is spent, and each replying client's report
     exhausted: list[int] = field(default_factory=list)
     privacy: dict[int, dict[str, float]] = field(default_factory=dict)
+    # strategy-specific figures for metrics.jsonl (e.g. SHE-LoRA's HE costs)
+    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def epsilon(self) -> float | None:
@@ -99,6 +101,8 @@ class FedAvgLora(FedAvg):
         self.weighting = weighting
         self.variant = variant or VARIANTS.get("lora")
         self.global_state: StateDict | None = None
+        # False when the server cannot reconstruct the merged model (SHE-LoRA)
+        self.server_can_evaluate = True
         self.stats: dict[int, RoundStats] = {}
 
     @classmethod
@@ -131,17 +135,33 @@ class FedAvgLora(FedAvg):
         messages = list(
             super().configure_train(server_round, to_record(down), config, grid)
         )
+        self.record_down(server_round, messages)
+        return messages
+
+    def record_down(self, server_round: int, messages: list[Message]) -> None:
+        """Count the sampled nodes and the serialised bytes sent to them."""
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.sampled = len(messages)
         stats.bytes_down = sum(
             recorddict_to_proto(m.content).ByteSize() for m in messages
         )
-        return messages
 
     def expected_reply(self, server_round: int) -> dict[str, tuple[int, ...]]:
         """Adapter key -> shape every client must send back this round."""
         sent = select(self._global(), self.variant.factors_for_round(server_round))
         return {k: tuple(v.shape) for k, v in sent.items()}
+
+    def reply_problem(self, server_round: int, msg: Message) -> str | None:
+        """Why a reply cannot be aggregated (None if it can). Per node hook."""
+        return reply_problem(msg, self.expected_reply(server_round))
+
+    def merge(
+        self, server_round: int, replies: list[Message], weights: list[float]
+    ) -> StateDict:
+        """Return the new global adapter from the valid replies (FedAvg per tensor)."""
+        del server_round
+        states = [from_record(m.content.array_records["arrays"]) for m in replies]
+        return merge_into(self._global(), weighted_mean(states, weights))
 
     def _record_privacy(
         self, server_round: int, msg: Message, stats: RoundStats
@@ -192,14 +212,13 @@ class FedAvgLora(FedAvg):
         """Validate replies, drop bad ones with a logged reason, average the rest."""
         replies = list(replies)
         stats = self.stats.setdefault(server_round, RoundStats())
-        expected = self.expected_reply(server_round)
         good: list[Message] = []
         for msg in replies:
             if not msg.has_error():
                 stats.bytes_up += recorddict_to_proto(msg.content).ByteSize()
                 if self._record_privacy(server_round, msg, stats):
                     continue  # budget spent: nothing to aggregate, not an error
-            reason = reply_problem(msg, expected)
+            reason = self.reply_problem(server_round, msg)
             if reason is None:
                 good.append(msg)
                 continue
@@ -228,8 +247,7 @@ class FedAvgLora(FedAvg):
             metric(m, "num-examples") if self.weighting == "num_examples" else 1.0
             for m in metrics
         ]
-        states = [from_record(m.content.array_records["arrays"]) for m in good]
-        new_global = merge_into(self._global(), weighted_mean(states, weights))
+        new_global = self.merge(server_round, good, weights)
         losses = [metric(m, "train-loss") for m in metrics]
         stats.train_loss = sum(
             w * x for w, x in zip(weights, losses, strict=True)

@@ -110,15 +110,19 @@ def run_federation(
         fed_eval = _federated_evaluation(grid, strategy, rnd, arrays, timeout)
         state = from_record(arrays)
         eval_start = time.perf_counter()
-        central = evaluator(state)
+        if strategy.server_can_evaluate:
+            central = _eval_fields(evaluator(state))
+            evaluator.save(state, run_dir.checkpoint_dir(rnd))
+        else:  # only key holders can rebuild the model: federated evaluation only
+            central = dict.fromkeys(_eval_fields(EvalResult(0.0, None, None, 0)))
+            run_dir.checkpoint_dir(rnd).mkdir(parents=True, exist_ok=True)
         eval_seconds = time.perf_counter() - eval_start
-        evaluator.save(state, run_dir.checkpoint_dir(rnd))
         run_dir.write_checkpoint_state(rnd, {"strategy": cfg.strategy.name})
         stats = strategy.stats[rnd]
         row = {
             "round": rnd,
             "train_loss": stats.train_loss,
-            **_eval_fields(central),
+            **central,
             "epsilon": stats.epsilon,
             "clients": stats.accepted,
             "clients_exhausted": len(stats.exhausted),
@@ -132,6 +136,7 @@ def run_federation(
             "client_train_seconds_max": max(stats.client_train_seconds, default=0.0),
             "eval_seconds": eval_seconds,
             **fed_eval,
+            **stats.extra,
             "seconds": time.perf_counter() - start,
         }
         rows.append(row)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fedlora.lowrank import svd_factors
 from strategies.aggregation import normalise_weights
 from strategies.exceptions import AggregationError
 
@@ -111,32 +112,9 @@ def mean_update(
     return b_stack @ a_stack
 
 
-def _truncated(u: Tensor, s: Tensor, vh: Tensor, r: int, scale: float) -> Factors:
-    if scale <= 0:
-        raise AggregationError(f"LoRA scale must be positive, got {scale}")
-    k = min(r, s.numel())
-    root = (s[:k] / scale).sqrt()
-    b = torch.zeros(u.shape[0], r, dtype=torch.float64)
-    a = torch.zeros(r, vh.shape[1], dtype=torch.float64)
-    b[:, :k] = u[:, :k] * root
-    a[:k, :] = root[:, None] * vh[:k]
-    return b, a
-
-
-def best_rank_factors(delta: Tensor, r: int, scale: float) -> Factors:
-    """Factors of the best rank-``r`` approximation of ``delta`` for scale ``s``.
-
-    ``s B A`` is the truncated SVD of ``delta`` (Eckart-Young); the singular values
-    are split evenly, ``B = U sqrt(S/s)``, ``A = sqrt(S/s) V^T``. Ranks above
-    ``rank(delta)`` get zero columns.
-    """
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    return _truncated(u, s, vh, r, scale)
-
-
 def flexlora_redistribute(
     delta: Tensor, ranks: Sequence[int], scales: Sequence[float]
 ) -> list[Factors]:
     """FlexLoRA: each client's best rank-``r_i`` factors (one SVD for all)."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    return [_truncated(u, s, vh, r, sc) for r, sc in zip(ranks, scales, strict=True)]
+    return [svd_factors(u, s, vh, r, sc) for r, sc in zip(ranks, scales, strict=True)]

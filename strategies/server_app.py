@@ -52,7 +52,11 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "%s", lines[-1])
 
     result = run_federation(grid, cfg, strategy, evaluator, run_dir, on_row=on_row)
-    adapter_dir = run_dir.finalize_adapter(cfg.federation.rounds)
+    adapter_dir = (
+        run_dir.finalize_adapter(cfg.federation.rounds)
+        if strategy.server_can_evaluate
+        else None  # SHE-LoRA: the merged adapter exists only at the key holders
+    )
     plot_run(result.rows, run_dir.root / "plots")
     final = result.rows[-1]
     run_dir.write_summary(
@@ -64,6 +68,8 @@ def main(grid: Grid, context: Context) -> None:
                     "eval_loss",
                     "eval_accuracy",
                     "eval_perplexity",
+                    "fed_eval_loss",
+                    "fed_eval_accuracy",
                     "epsilon",
                 )
             },
@@ -81,7 +87,7 @@ def main(grid: Grid, context: Context) -> None:
                 "seconds": time.perf_counter() - started,
             },
             "adapter": {
-                "path": str(adapter_dir),
+                "path": str(adapter_dir) if adapter_dir else None,
                 "parameters": num_params(result.state),
             },
             "privacy": {

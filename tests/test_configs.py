@@ -36,8 +36,9 @@ REQUIRED = {
 # Options that need a compatible choice in another group to validate.
 PAIRED = {
     ("data", "synthetic_instruct"): ["model=tiny_llama"],
+    ("strategy", "she_lora"): ["federation.fraction_evaluate=1.0"],
 }
-EXPECTED_FILES = 21
+EXPECTED_FILES = 24
 
 
 def _compose(overrides: list[str]) -> dict[str, Any]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedlora.lowrank import best_rank_factors
 from strategies.aggregation import weighted_mean
 from strategies.exceptions import AggregationError
 from strategies.hetero import (
-    best_rank_factors,
     flexlora_redistribute,
     flora_stack,
     hetlora_merge,

@@ -1,0 +1,7 @@
+"""SHE-LoRA building blocks shared by clients and the server.
+
+``keys``: CKKS contexts (secret for the clients, public for the server) and their
+identity; ``columns``: column sensitivity, nested negotiation and swapping (pure
+math); ``packing``: encrypting the selected columns of a client's update, adding
+ciphertexts on the server and decrypting them on a client.
+"""
