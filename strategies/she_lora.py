@@ -38,7 +38,7 @@ from fedlora.adapters import StateDict, from_record, to_record
 from fedlora.lowrank import svd_factors
 from fedlora.she.columns import Selection, negotiate, unswap_columns
 from fedlora.she.keys import context_id, load_public_context
-from fedlora.she.packing import add_ciphertexts, num_chunks
+from fedlora.she.packing import add_ciphertexts, num_chunks, ordered_chunks
 from strategies.aggregation import weighted_mean
 from strategies.config import ExperimentConfig
 from strategies.fedavg_lora import RoundStats, metric
@@ -54,17 +54,6 @@ from strategies.hetero_base import (
 
 CIPHER = "she-cipher"
 PLAIN = "she-plain"
-
-
-def chunk_list(record: ConfigRecord) -> list[bytes]:
-    """Ciphertext chunks ``c0, c1, ...`` of a record, in order."""
-    out = []
-    while f"c{len(out)}" in record:
-        value = record[f"c{len(out)}"]
-        if not isinstance(value, bytes):
-            raise TypeError(f"ciphertext c{len(out)} is {type(value).__name__}")
-        out.append(value)
-    return out
 
 
 class SheLora(HeteroRankLora):
@@ -207,7 +196,7 @@ class SheLora(HeteroRankLora):
                     f"negotiated (expected the first {k} of the list: {cols[:k]})"
                 )
         sizes = [self._global()[n + B_SUFFIX].shape[0] for n in self.columns]
-        chunks = chunk_list(content.config_records.get(CIPHER, ConfigRecord()))
+        chunks = ordered_chunks(content.config_records.get(CIPHER, ConfigRecord()))
         want = num_chunks(k, sizes) if k else 0
         if len(chunks) != want:
             return (
@@ -245,7 +234,7 @@ class SheLora(HeteroRankLora):
             b, a = svd_factors(u, sv, vh, self.max_rank, self.scale(self.max_rank))
             new[n + B_SUFFIX], new[n + A_SUFFIX] = b.float(), a.float()
         uploads = [
-            chunk_list(m.content.config_records.get(CIPHER, ConfigRecord()))
+            ordered_chunks(m.content.config_records.get(CIPHER, ConfigRecord()))
             for m in replies
         ]
         self.summed = add_ciphertexts(self.ctx, uploads)

@@ -147,6 +147,13 @@ def test_dp_variants_sweep_is_the_issue_grid() -> None:
         (["federation.clients=1"], "min_clients=2 exceeds"),
         (["data=local", "data.path=/no/such/file.csv"], "no such file"),
         (["+adapter.rnak=4"], "adapter.rnak"),
+        (["federation.client_ranks=[4,8]"], "which strategy=fedavg cannot merge"),
+        (
+            ["strategy=flexlora", "federation.client_ranks=[4,16]"],
+            "above adapter.rank=8, the global",
+        ),
+        (["strategy=she_lora"], "set federation.fraction_evaluate"),
+        (["strategy=hetlora", "adapter=ffa"], "Use adapter=lora"),
     ],
 )
 def test_bad_values_fail_before_anything_loads(

@@ -26,6 +26,7 @@ from fedlora.she.client import (
     merged_updates,
 )
 from fedlora.she.keys import context_id, load_secret_context
+from fedlora.she.packing import ordered_chunks
 from fedlora.site import SiteConfig
 
 CIPHER = "she-cipher"
@@ -64,15 +65,6 @@ def secret_context(site: SiteConfig, run_config: Mapping[str, Any]) -> Any:
     return _secret(path)
 
 
-def _chunks(record: ConfigRecord | None) -> list[bytes]:
-    out: list[bytes] = []
-    while record is not None and f"c{len(out)}" in record:
-        value = record[f"c{len(out)}"]
-        assert isinstance(value, bytes)
-        out.append(value)
-    return out
-
-
 def _lists(config: Mapping[str, Any], k: int) -> dict[str, list[int]]:
     return {
         key.split(":", 1)[1]: [int(x) for x in value][:k]
@@ -105,7 +97,7 @@ def received_state(
     sum_k = int(str(config["she-sum-k"]))
     dense = merged_updates(
         pairs,
-        _chunks(content.config_records.get(CIPHER)),
+        ordered_chunks(content.config_records.get(CIPHER)),
         _lists(config, sum_k),
         float(str(config["she-total-weight"])),
         ctx,

@@ -103,3 +103,14 @@ def decrypt_columns(
     n = min(need, len(values))
     flat[:n] = values[:n]
     return unflatten_columns(flat, sizes, k)
+
+
+def ordered_chunks(record: Mapping[str, Any] | None) -> list[bytes]:
+    """Ciphertext chunks stored as ``c0, c1, ...`` in a record, in order."""
+    out: list[bytes] = []
+    while record is not None and f"c{len(out)}" in record:
+        value = record[f"c{len(out)}"]
+        if not isinstance(value, bytes):
+            raise TypeError(f"ciphertext c{len(out)} is {type(value).__name__}")
+        out.append(value)
+    return out

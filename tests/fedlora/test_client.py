@@ -115,3 +115,19 @@ def test_local_file_with_custom_columns_trains(tmp_path, suffix: str) -> None:  
     assert out.num_examples == len(part)
     assert torch.isfinite(torch.tensor(out.result.loss))
     assert any(not torch.equal(out.state[k], initial[k]) for k in initial)
+
+
+def test_site_rank_comes_from_node_config_then_client_ranks() -> None:
+    from fedlora.client import site_rank
+    from fedlora.config import AdapterConfig, ClientConfig, FederationConfig
+    from fedlora.configtools import ConfigError
+    from fedlora.site import SiteConfig
+
+    cfg = ClientConfig(
+        adapter=AdapterConfig(rank=16),
+        federation=FederationConfig(client_ranks=(4, 8, 16)),
+    )
+    assert [site_rank(cfg, SiteConfig(i, 8)) for i in range(4)] == [4, 8, 16, 4]
+    assert site_rank(cfg, SiteConfig(0, 8, rank=12)) == 12
+    with pytest.raises(ConfigError, match="rank 32 exceeds adapter.rank=16"):
+        site_rank(cfg, SiteConfig(0, 8, rank=32))
