@@ -24,6 +24,7 @@ from fedlora.adapters import (
 )
 from fedlora.config import ClientConfig
 from fedlora.configtools import ConfigError
+from fedlora.residual import Residual, set_residual
 from fedlora.runtime import collator, model_bundle, partition_dataset, set_trainable
 from fedlora.site import SiteConfig
 from fedlora.train import (
@@ -83,7 +84,7 @@ def check_rank(cfg: ClientConfig, received: Mapping[str, Tensor]) -> None:
                 f"the server sent rank-{tensor.shape[0]} LoRA factors but this site "
                 f"trains at rank {cfg.adapter.rank} (node-config rank / "
                 "federation.client_ranks). strategy=fedavg needs one rank everywhere; "
-                "use strategy=hetlora, flexlora or she_lora for mixed ranks"
+                "use strategy=hetlora, flora, flexlora or she_lora for mixed ranks"
             )
 
 
@@ -94,6 +95,7 @@ def train_round(
     global_state: Mapping[str, Tensor],
     frozen_fingerprint: str = "",
     ledger: PrivacyLedger | None = None,
+    residual: Residual | None = None,
 ) -> RoundOutcome:
     """Train locally from ``global_state`` and return the trained tensors.
 
@@ -110,10 +112,13 @@ def train_round(
     ledger : PrivacyLedger | None
         The client's cumulative DP ledger (required with ``privacy=dp``; updated
         in place).
+    residual : Residual | None
+        FLoRA: the server's merged update, a frozen delta beside the base.
     """
     cfg = for_site(cfg, site)
     check_rank(cfg, global_state)
     bundle = model_bundle(cfg)
+    set_residual(bundle.model, residual or {})
     load_adapter_state(bundle.model, global_state)
     check_frozen(bundle.model, global_state, frozen_fingerprint)
     if cfg.privacy.mode == "dp":
@@ -164,12 +169,16 @@ def check_frozen(
 
 
 def evaluate_round(
-    cfg: ClientConfig, site: SiteConfig, global_state: Mapping[str, Tensor]
+    cfg: ClientConfig,
+    site: SiteConfig,
+    global_state: Mapping[str, Tensor],
+    residual: Residual | None = None,
 ) -> EvalResult:
-    """Evaluate the global adapter on this client's local data."""
+    """Evaluate the global adapter (+ FLoRA residual) on this client's data."""
     cfg = for_site(cfg, site)
     check_rank(cfg, global_state)
     bundle = model_bundle(cfg)
+    set_residual(bundle.model, residual or {})
     load_adapter_state(bundle.model, global_state)
     data = partition_dataset(
         cfg, site.partition_id, site.num_partitions, site.data_path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import Tensor
 
 from fedlora.adapters import from_record, to_record
 from fedlora.client import (
@@ -20,12 +21,21 @@ from fedlora.client import (
     train_round,
 )
 from fedlora.config import ClientConfig
+from fedlora.residual import residual_from_state
 from fedlora.she import flower as she
 from fedlora.site import SiteConfig
 
 app = ClientApp()
 # context.state key of the DP ledger (accountant history) of this node.
 LEDGER_RECORD = "fedlora-dp"
+# Message record with FLoRA's merged update (a frozen delta beside the base).
+RESIDUAL_RECORD = "flora-residual"
+
+
+def _residual(msg: Message) -> dict[str, tuple[Tensor, Tensor]]:
+    """FLoRA's merged update sent beside the adapter (empty for other strategies)."""
+    record = msg.content.array_records.get(RESIDUAL_RECORD)
+    return residual_from_state(from_record(record)) if record is not None else {}
 
 
 @app.train()
@@ -54,7 +64,9 @@ def train(msg: Message, context: Context) -> Message:
         )
         stored = context.state.config_records.get(LEDGER_RECORD)
         ledger = load_ledger(cfg, ledger_file, str(stored["ledger"]) if stored else "")
-    outcome = train_round(cfg, site, server_round, global_state, frozen, ledger)
+    outcome = train_round(
+        cfg, site, server_round, global_state, frozen, ledger, _residual(msg)
+    )
     if ledger is not None and ledger_file is not None:
         ledger.save(ledger_file)
         context.state[LEDGER_RECORD] = ConfigRecord({"ledger": ledger.to_json()})
@@ -103,7 +115,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if she.is_she(msg.content.config_records["config"]):
         ctx = she.secret_context(site, context.run_config)
         state, _ = she.received_state(msg.content, for_site(cfg, site), ctx)
-    result = evaluate_round(cfg, site, state)
+    result = evaluate_round(cfg, site, state, _residual(msg))
     values: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": result.num_examples,
         "eval-loss": result.loss,

@@ -17,7 +17,7 @@ from fedlora.configtools import ConfigError, build_config, check_choice
 
 WEIGHTINGS = ("num_examples", "uniform")
 # Strategies that accept clients of different LoRA ranks.
-RANK_AWARE = ("hetlora", "flexlora", "she_lora")
+RANK_AWARE = ("hetlora", "flora", "flexlora", "she_lora")
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class StrategyConfig:
 
     name: str = field(
         default="fedavg",
-        metadata={"help": "Aggregation: fedavg, hetlora, flexlora or she_lora."},
+        metadata={"help": "Aggregation: fedavg, hetlora, flora, flexlora, she_lora."},
     )
     weighting: str = field(
         default="num_examples",

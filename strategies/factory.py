@@ -27,6 +27,12 @@ def _hetlora(cfg: ExperimentConfig) -> FedAvgLora:
     return HetLora.from_config(cfg)
 
 
+def _flora(cfg: ExperimentConfig) -> FedAvgLora:
+    from strategies.flora import Flora
+
+    return Flora.from_config(cfg)
+
+
 def _flexlora(cfg: ExperimentConfig) -> FedAvgLora:
     from strategies.flexlora import FlexLora
 
@@ -41,6 +47,7 @@ def _she_lora(cfg: ExperimentConfig) -> FedAvgLora:
 
 STRATEGIES.register("fedavg", _fedavg)
 STRATEGIES.register("hetlora", _hetlora)
+STRATEGIES.register("flora", _flora)
 STRATEGIES.register("flexlora", _flexlora)
 STRATEGIES.register("she_lora", _she_lora)
 

@@ -16,6 +16,7 @@ from flwr.common.logger import log
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from torch import Tensor
 
 from fedlora.adapters import StateDict, fingerprint, from_record, select, to_record
 from fedlora.variants import VARIANTS, Variant
@@ -103,6 +104,8 @@ class FedAvgLora(FedAvg):
         self.global_state: StateDict | None = None
         # False when the server cannot reconstruct the merged model (SHE-LoRA)
         self.server_can_evaluate = True
+        # FLoRA: merged update kept beside the base, matrix -> (B_res, A_res)
+        self.residual: dict[str, tuple[Tensor, Tensor]] = {}
         self.stats: dict[int, RoundStats] = {}
 
     @classmethod

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fedlora.adapters import StateDict, from_record, load_adapter_state, to_record
+from fedlora.residual import Residual, set_residual, write_residual_adapter
 from fedlora.runtime import collator, heldout_dataset, model_bundle
 from fedlora.train import EvalResult, evaluate
 from strategies.config import ExperimentConfig
@@ -38,8 +39,11 @@ class CentralEvaluator:
 
         return adapter_state(self.bundle.model)
 
-    def __call__(self, state: StateDict) -> EvalResult:
-        """Load ``state`` and evaluate it on the held-out split."""
+    def __call__(
+        self, state: StateDict, residual: Residual | None = None
+    ) -> EvalResult:
+        """Load ``state`` (+ FLoRA residual) and evaluate on the held-out split."""
+        set_residual(self.bundle.model, residual or {})
         load_adapter_state(self.bundle.model, state)
         return evaluate(
             self.bundle.model,
@@ -50,10 +54,18 @@ class CentralEvaluator:
             device=self.bundle.device,
         )
 
-    def save(self, state: StateDict, path: Any) -> None:
-        """Write ``state`` as a standard PEFT adapter directory."""
+    def save(
+        self, state: StateDict, path: Any, residual: Residual | None = None
+    ) -> None:
+        """Write ``state`` as a standard PEFT adapter directory.
+
+        With a FLoRA residual the saved LoRA is the residual itself (the adapter
+        is the restarted one, B = 0), loadable with ``PeftModel.from_pretrained``.
+        """
         load_adapter_state(self.bundle.model, state)
         self.bundle.model.save_pretrained(str(path))
+        if residual:
+            write_residual_adapter(path, residual)
 
 
 @dataclass
@@ -111,8 +123,8 @@ def run_federation(
         state = from_record(arrays)
         eval_start = time.perf_counter()
         if strategy.server_can_evaluate:
-            central = _eval_fields(evaluator(state))
-            evaluator.save(state, run_dir.checkpoint_dir(rnd))
+            central = _eval_fields(evaluator(state, strategy.residual))
+            evaluator.save(state, run_dir.checkpoint_dir(rnd), strategy.residual)
         else:  # only key holders can rebuild the model: federated evaluation only
             central = dict.fromkeys(_eval_fields(EvalResult(0.0, None, None, 0)))
             run_dir.checkpoint_dir(rnd).mkdir(parents=True, exist_ok=True)

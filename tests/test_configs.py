@@ -38,7 +38,7 @@ PAIRED = {
     ("data", "synthetic_instruct"): ["model=tiny_llama"],
     ("strategy", "she_lora"): ["federation.fraction_evaluate=1.0"],
 }
-EXPECTED_FILES = 24
+EXPECTED_FILES = 25
 
 
 def _compose(overrides: list[str]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from fedlora.she.flower import received_state, sealed_reply
 from fedlora.she.keys import HEContextError, create_contexts, load_secret_context
 from strategies.aggregation import weighted_mean
 from strategies.flexlora import FlexLora
+from strategies.flora import Flora
 from strategies.hetero import mean_update
 from strategies.hetero_base import NodeInfo
 from strategies.hetlora import HetLora
@@ -263,3 +264,35 @@ def test_nodes_report_their_rank_and_one_above_the_maximum_is_left_out(
         for m in messages
     }
     assert shapes == {1: (2, N), 2: (8, N)}
+
+
+def test_flora_residual_is_the_exact_sum_of_the_rounds_weighted_means() -> None:
+    strategy = Flora(**_kwargs())
+    strategy.global_state = _global()
+    strategy.nodes = {n: NodeInfo(r, 0, n) for n, r in RANKS.items()}
+    want = torch.zeros(M, N, dtype=torch.float64)
+    for rnd in (1, 2):  # 2 + 4 + 8 = 14 stacked columns > min(M, N) = 8
+        states = {n: _trained(RANKS[n], 100 * rnd + n) for n in RANKS}
+        replies = [
+            _reply(
+                n, RecordDict({"arrays": ArrayRecord(s), "metrics": _metrics(SIZES[n])})
+            )
+            for n, s in states.items()
+        ]
+        arrays, _ = strategy.aggregate_train(rnd, replies)
+        assert arrays is not None
+        want += mean_update(
+            [(s[B], s[A]) for s in states.values()],
+            list(SIZES.values()),
+            [ALPHA / r for r in RANKS.values()],
+        )
+        b, a = strategy.residual["x"]
+        assert b.shape[1] == min(M, N)  # recompressed by an exact SVD
+        torch.testing.assert_close(b.double() @ a.double(), want, rtol=1e-5, atol=1e-5)
+        # the adapter restarts from the shared initialisation every round
+        glob = from_record(arrays)
+        assert torch.equal(glob[A], _global()[A]) and not glob[B].any()
+    content = strategy.node_content(3, 1, ConfigRecord())
+    sent = from_record(content.array_records["flora-residual"])
+    torch.testing.assert_close(sent["x.lora_B.weight"], strategy.residual["x"][0])
+    assert content.array_records["arrays"][A].shape == (2, N)
