@@ -66,3 +66,37 @@ def test_she_lora_matches_flexlora_and_hides_the_selected_columns(
     assert summary["config"]["strategy"]["he_public_context"].endswith("public.ctx")
     # heterogeneous ranks really travelled: rank 2/4/8 clients, flexlora down bytes
     assert flex[1]["bytes_down"] < 3 * flex[1]["bytes_up"] * 2
+
+
+def test_flora_run_saves_an_adapter_that_reproduces_the_servers_accuracy(
+    tmp_path: Path,
+) -> None:
+    """FLoRA's residual lives beside the 4-bit base; the saved PEFT adapter is it."""
+    import torch
+    from peft import PeftModel
+
+    from fedlora.configtools import build_config
+    from fedlora.models import load_base_model
+    from fedlora.runtime import collator, heldout_dataset
+    from fedlora.train import evaluate
+    from strategies.config import ExperimentConfig
+
+    rows = _run(tmp_path / "flora", "strategy=flora")
+    assert [r["clients"] for r in rows[1:]] == [3, 3]
+    # round 2 sends the residual (sum of ranks 2 + 4 + 8 = 14 per matrix) down
+    assert rows[2]["bytes_down"] > rows[1]["bytes_down"]
+    cfg = build_config(ExperimentConfig, {"data.num_examples": 600})
+    base = load_base_model(
+        cfg.model, task="classification", num_labels=4, seed=cfg.seed
+    )
+    model = PeftModel.from_pretrained(base, tmp_path / "flora" / "adapter")
+    result = evaluate(
+        model,
+        heldout_dataset(cfg),
+        collator(cfg),
+        task="classification",
+        batch_size=64,
+        device=torch.device("cpu"),
+    )
+    assert result.accuracy == pytest.approx(rows[-1]["eval_accuracy"], abs=1e-9)
+    assert result.loss == pytest.approx(rows[-1]["eval_loss"], rel=1e-4)
