@@ -250,9 +250,12 @@ class SheLora(HeteroRankLora):
         uploads: list[list[bytes]],
         start: float,
     ) -> None:
+        cipher_up = float(sum(len(c) for u in uploads for c in u))
         stats.extra.update(
             {
-                "he_bytes_up": float(sum(len(c) for u in uploads for c in u)),
+                "he_bytes_up": cipher_up,
+                # serialised replies minus their ciphertexts: the plaintext part
+                "he_plain_bytes_up": float(stats.bytes_up) - cipher_up,
                 "he_ciphertexts_up": float(sum(len(u) for u in uploads)),
                 "he_encrypt_seconds": sum(
                     metric(m, "he-encrypt-seconds", 0.0) for m in metrics

@@ -58,6 +58,7 @@ def test_she_lora_matches_flexlora_and_hides_the_selected_columns(
     # SHE-LoRA reports its HE costs; the server saw ciphertexts, not the columns
     last = she[-1]
     assert last["he_ciphertexts_up"] >= 3 and last["he_bytes_up"] > 0
+    assert 0 < last["he_plain_bytes_up"] < last["bytes_up"]
     assert 0 < last["he_encrypted_fraction"] <= 4 / 384
     assert last["eval_accuracy"] is None  # no server-side evaluation
     keys = tmp_path / "she" / "he-keys"
