@@ -79,6 +79,13 @@ class ExperimentConfig(ClientConfig):
         default="",
         metadata={"help": "Run directory; empty = ./outputs/flwr-run/<timestamp>."},
     )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue the run in output_dir from its last complete "
+            "checkpoint (python -m simulations.resume <run dir>)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +102,10 @@ class ExperimentConfig(ClientConfig):
                 f"strategy={self.strategy.name} merges both factors of every client; "
                 f"adapter={self.adapter.variant} trains or sends one only. Use "
                 "adapter=lora"
+            )
+        if self.resume and not self.output_dir:
+            raise ConfigError(
+                "resume=true needs output_dir=<the run directory to continue>"
             )
         if self.strategy.name == "she_lora" and self.federation.fraction_evaluate == 0:
             raise ConfigError(

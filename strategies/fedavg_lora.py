@@ -121,6 +121,24 @@ class FedAvgLora(FedAvg):
             variant=VARIANTS.get(cfg.adapter.variant),
         )
 
+    # Attributes that a checkpoint must restore (subclasses extend the tuple).
+    checkpoint_attrs: tuple[str, ...] = ("residual",)
+
+    def checkpoint_state(self) -> dict[str, object]:
+        """Return what resuming needs besides the global adapter."""
+        state: dict[str, object] = {a: getattr(self, a) for a in self.checkpoint_attrs}
+        state["privacy"] = {r: s.privacy for r, s in self.stats.items()}
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, object]) -> None:
+        """Restore :meth:`checkpoint_state` (the DP reports feed summary.json)."""
+        for attr in self.checkpoint_attrs:
+            setattr(self, attr, state[attr])
+        privacy = state.get("privacy", {})
+        assert isinstance(privacy, dict)
+        for rnd, reports in privacy.items():
+            self.stats.setdefault(int(rnd), RoundStats()).privacy = dict(reports)
+
     def _global(self) -> StateDict:
         if self.global_state is None:
             raise RuntimeError("global_state is unset: call configure_train first")

@@ -10,15 +10,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from logging import INFO
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedlora.adapters import StateDict, from_record, load_adapter_state, to_record
 from fedlora.residual import Residual, set_residual, write_residual_adapter
 from fedlora.runtime import collator, heldout_dataset, model_bundle
 from fedlora.train import EvalResult, evaluate
+from strategies.checkpoint import resume_point, save_checkpoint
 from strategies.config import ExperimentConfig
 from strategies.fedavg_lora import FedAvgLora
 from strategies.rundir import RunDir
@@ -93,25 +96,34 @@ def run_federation(
     *,
     on_row: Callable[[dict[str, Any]], None] = lambda row: None,
 ) -> FederationResult:
-    """Run ``cfg.federation.rounds`` rounds and record each in ``run_dir``."""
-    state = evaluator.initial_state()
-    t0 = time.perf_counter()
-    first = {
-        "round": 0,
-        "train_loss": None,
-        **_eval_fields(evaluator(state)),
-        "epsilon": None,
-        "clients": 0,
-        "bytes_up": 0,
-        "bytes_down": 0,
-        "seconds": time.perf_counter() - t0,
-    }
-    rows = [first]
-    run_dir.append_metrics(first)
-    on_row(first)
+    """Run ``cfg.federation.rounds`` rounds and record each in ``run_dir``.
+
+    With ``cfg.resume`` the run continues after its newest complete checkpoint.
+    """
+    resumed = resume_point(run_dir, cfg, strategy) if cfg.resume else None
+    if resumed is not None:
+        done, state, rows = resumed
+        log(INFO, "fedlora: resuming after round %d from %s", done, run_dir.root)
+    else:
+        done, state, rows = 0, evaluator.initial_state(), []
+        run_dir.reset_metrics()
+        t0 = time.perf_counter()
+        first = {
+            "round": 0,
+            "train_loss": None,
+            **_eval_fields(evaluator(state)),
+            "epsilon": None,
+            "clients": 0,
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "seconds": time.perf_counter() - t0,
+        }
+        rows = [first]
+        run_dir.append_metrics(first)
+        on_row(first)
     arrays: ArrayRecord = to_record(state)
     timeout = cfg.federation.round_timeout
-    for rnd in range(1, cfg.federation.rounds + 1):
+    for rnd in range(done + 1, cfg.federation.rounds + 1):
         start = time.perf_counter()
         messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
         replies = grid.send_and_receive(messages, timeout=timeout)
@@ -129,7 +141,7 @@ def run_federation(
             central = dict.fromkeys(_eval_fields(EvalResult(0.0, None, None, 0)))
             run_dir.checkpoint_dir(rnd).mkdir(parents=True, exist_ok=True)
         eval_seconds = time.perf_counter() - eval_start
-        run_dir.write_checkpoint_state(rnd, {"strategy": cfg.strategy.name})
+        save_checkpoint(run_dir, rnd, state, strategy)
         stats = strategy.stats[rnd]
         row = {
             "round": rnd,

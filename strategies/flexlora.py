@@ -23,6 +23,8 @@ Svd = tuple[Tensor, Tensor, Tensor]
 class FlexLora(HeteroRankLora):
     """Product-level averaging with per-client SVD redistribution."""
 
+    checkpoint_attrs = ("residual", "svd")
+
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.svd: dict[str, Svd] = {}  # matrix -> SVD of the latest dW

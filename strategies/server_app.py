@@ -36,8 +36,8 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     cfg = ExperimentConfig.from_run_config(context.run_config)
     run_dir = RunDir(resolve_output_dir(cfg, context.run_id))
-    run_dir.write_config(cfg)
-    run_dir.reset_metrics()
+    if not cfg.resume:
+        run_dir.write_config(cfg)
     log(INFO, "fedlora: writing the run directory to %s", run_dir.root)
     strategy = build_strategy(cfg)
     evaluator = CentralEvaluator(cfg)

@@ -65,6 +65,15 @@ class SheLora(HeteroRankLora):
         Path of the server's public CKKS context (a secret one is refused).
     """
 
+    checkpoint_attrs = (
+        "residual",
+        "columns",
+        "plain",
+        "summed",
+        "sum_k",
+        "total_weight",
+    )
+
     def __init__(self, *, public_context: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ctx = load_public_context(Path(public_context))
