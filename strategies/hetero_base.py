@@ -86,6 +86,7 @@ class HeteroRankLora(FedAvgLora):
         self.alpha = alpha
         self.use_rslora = use_rslora
         self.nodes: dict[int, NodeInfo] = {}
+        self.query_timeout = 600.0  # seconds; from_config uses round_timeout
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> HeteroRankLora:
@@ -97,7 +98,7 @@ class HeteroRankLora(FedAvgLora):
                 "Use adapter=lora with this strategy"
             )
         fed = cfg.federation
-        return cls(
+        strategy = cls(
             fraction_train=fed.fraction_train,
             fraction_evaluate=fed.fraction_evaluate,
             min_train_nodes=min(fed.min_clients, fed.clients),
@@ -108,6 +109,8 @@ class HeteroRankLora(FedAvgLora):
             use_rslora=cfg.adapter.use_rslora,
             **cls.extra_kwargs(cfg),
         )
+        strategy.query_timeout = fed.round_timeout
+        return strategy
 
     @classmethod
     def extra_kwargs(cls, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -141,8 +144,6 @@ class HeteroRankLora(FedAvgLora):
                 continue
             replies[node] = reply
         return replies
-
-    query_timeout: float = 600.0
 
     def learn_nodes(self, grid: Grid, node_ids: list[int]) -> list[int]:
         """Ask unknown nodes for their rank and HE budget; return usable nodes."""
