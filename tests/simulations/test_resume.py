@@ -47,9 +47,8 @@ def _kill_run(proc: subprocess.Popen[str], run_dir: Path) -> None:
         victims |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
     except psutil.NoSuchProcess:
         pass
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if str(run_dir) in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
-            victims.add(p.pid)
+    # Ray re-parents its actors to PID 1; they inherit FLWR_HOME=<run>/flwr
+    victims |= {p.pid for p in psutil.process_iter() if _mentions(p, run_dir)}
     for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -106,3 +105,13 @@ def test_a_run_killed_after_round_1_resumes_to_the_same_final_adapter(
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
     assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k)  # it trained
+    time.sleep(1)
+    assert not [p.pid for p in psutil.process_iter() if _mentions(p, crashed)]
+
+
+def _mentions(proc: psutil.Process, run_dir: Path) -> bool:
+    try:
+        text = " ".join(proc.cmdline()) + " ".join(proc.environ().values())
+    except psutil.Error:
+        return False
+    return str(run_dir) in text and proc.pid != os.getpid()
