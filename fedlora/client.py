@@ -64,9 +64,13 @@ def site_rank(cfg: ClientConfig, site: SiteConfig) -> int:
 
 
 def for_site(cfg: ClientConfig, site: SiteConfig) -> ClientConfig:
-    """Apply site overrides (device, rank) from node-config to the run's config."""
-    if site.device:
-        model = dataclasses.replace(cfg.model, device=site.device)
+    """Apply site overrides (device, base-model path, rank) from node-config."""
+    if site.device or site.model_path:
+        model = dataclasses.replace(
+            cfg.model,
+            device=site.device or cfg.model.device,
+            name=site.model_path or cfg.model.name,
+        )
         cfg = dataclasses.replace(cfg, model=model)
     rank = site_rank(cfg, site)
     if rank != cfg.adapter.rank:

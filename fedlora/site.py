@@ -21,6 +21,7 @@ NODE_KEYS = (
     "rank",
     "he-budget",
     "he-secret-context",
+    "model-path",
 )
 
 
@@ -46,6 +47,9 @@ class SiteConfig:
         SHE-LoRA: encrypted columns per adapted matrix; -1 = from the run config.
     he_secret_context : str (default: "")
         SHE-LoRA: the clients' secret CKKS context file; "" = from the run config.
+    model_path : str (default: "")
+        Local directory of the base model at this site (replaces ``model.name``,
+        so no site downloads weights); "" = the run's ``model.name``.
     """
 
     partition_id: int = 0
@@ -56,6 +60,7 @@ class SiteConfig:
     rank: int = 0
     he_budget: int = -1
     he_secret_context: str = ""
+    model_path: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.partition_id < self.num_partitions:
@@ -83,6 +88,7 @@ class SiteConfig:
                 rank=int(node_config.get("rank", 0)),
                 he_budget=int(node_config.get("he-budget", -1)),
                 he_secret_context=str(node_config.get("he-secret-context", "")),
+                model_path=str(node_config.get("model-path", "")),
             )
         except (TypeError, ValueError) as err:
             raise ConfigError(
