@@ -8,6 +8,7 @@ run-config with ``fedlora.configtools.flatten_config`` and writes it as TOML for
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,3 +98,35 @@ def render_pyproject_section(experiment: ExperimentConfig | None = None) -> str:
 if __name__ == "__main__":
     # Print the run-config defaults to paste into pyproject.toml after adding a key.
     print(render_pyproject_section(), end="")
+
+
+def check_outside_app(run_dir: Path, root: Path = PROJECT_ROOT) -> None:
+    """Refuse a run directory that ``flwr run`` would package into the app.
+
+    Flower zips the app directory minus what ``.gitignore`` excludes; a run
+    directory inside it (with the Flower home and app copies of earlier runs) ends
+    up in every later app package and breaks its size and depth limits.
+    """
+    run_dir = run_dir.resolve()
+    if not run_dir.is_relative_to(root.resolve()):
+        return
+    rel = run_dir.relative_to(root.resolve())
+    try:
+        ignored = (
+            subprocess.run(
+                ["git", "check-ignore", "-q", str(rel)],
+                cwd=root,
+                capture_output=True,
+                timeout=10,
+            ).returncode
+            == 0
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        ignored = rel.parts[:1] in (("outputs",), ("multirun",))
+    if not ignored:
+        raise ConfigError(
+            f"run directory {run_dir} is inside the app directory {root} and not "
+            "ignored by .gitignore, so Flower would package it (and every earlier run "
+            "in it) into the app; use outputs/... or multirun/... (ignored) or a "
+            "directory outside the project"
+        )

@@ -28,7 +28,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fedlora.configtools import ConfigError
-from simulations.experiment import CONF_DIR, PROJECT_ROOT, from_hydra, write_run_config
+from simulations.experiment import (
+    CONF_DIR,
+    PROJECT_ROOT,
+    check_outside_app,
+    from_hydra,
+    write_run_config,
+)
 from simulations.flower_runtime import LocalSimulation
 from strategies.config import ExperimentConfig
 from strategies.rundir import RunDir
@@ -66,6 +72,11 @@ def main(cfg: DictConfig) -> None:
         print(f"fedlora: invalid configuration: {err}", file=sys.stderr)
         sys.exit(2)
     job_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    try:
+        check_outside_app(job_dir)
+    except ConfigError as err:
+        print(f"fedlora: invalid run directory: {err}", file=sys.stderr)
+        sys.exit(2)
     if not experiment.output_dir:
         experiment = dataclasses.replace(experiment, output_dir=str(job_dir))
     experiment = with_he_keys(experiment)

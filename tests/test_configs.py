@@ -171,3 +171,12 @@ def test_unknown_group_option_lists_the_available_ones() -> None:
     with pytest.raises(MissingConfigException, match="Available options") as info:
         _compose(["strategy=fedprox"])
     assert "fedavg" in str(info.value)
+
+
+def test_a_run_directory_inside_the_app_must_be_git_ignored(tmp_path: Path) -> None:
+    from simulations.experiment import PROJECT_ROOT, check_outside_app
+
+    check_outside_app(tmp_path / "run")  # outside the project: fine
+    check_outside_app(PROJECT_ROOT / "outputs" / "x")  # ignored: fine
+    with pytest.raises(ConfigError, match="Flower would package it"):
+        check_outside_app(PROJECT_ROOT / "runs" / "x")
