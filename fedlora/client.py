@@ -222,3 +222,24 @@ def column_scores_for_site(
     state = adapter_state(bundle.model)
     norms = input_norms(bundle.model, batches, matrix_names(state))
     return sensitivity(state, norms, budget)
+
+
+_FINGERPRINTS: dict[int, str] = {}
+
+
+def check_base_model(cfg: ClientConfig, site: SiteConfig, expected: str) -> None:
+    """Refuse to train or evaluate on a base model other than the server's."""
+    if not expected:
+        return
+    from fedlora.fingerprint import base_fingerprint
+
+    model = model_bundle(for_site(cfg, site)).model
+    local = _FINGERPRINTS.get(id(model))
+    if local is None:
+        local = _FINGERPRINTS[id(model)] = base_fingerprint(model)
+    if local != expected:
+        raise ValueError(
+            f"this site's base model (fingerprint {local}) is not the server's "
+            f"({expected}): check node-config model-path and the run's model.name / "
+            "model.quantization; refusing to train on different weights"
+        )

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fedlora.adapters import from_record, to_record
 from fedlora.client import (
+    check_base_model,
     column_scores_for_site,
     evaluate_round,
     for_site,
@@ -47,6 +48,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     server_round = int(str(config["server-round"]))
     frozen = str(config.get("frozen-fingerprint", ""))
+    check_base_model(cfg, site, str(config.get("base-fingerprint", "")))
     global_state = from_record(arrays_in)
     she_ctx, she_metrics = None, {}
     if she.is_she(config):
@@ -111,8 +113,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter on this client's data."""
     cfg = ClientConfig.from_run_config(context.run_config)
     site = SiteConfig.from_node_config(context.node_config)
+    config = msg.content.config_records["config"]
+    check_base_model(cfg, site, str(config.get("base-fingerprint", "")))
     state = from_record(msg.content.array_records["arrays"])
-    if she.is_she(msg.content.config_records["config"]):
+    if she.is_she(config):
         ctx = she.secret_context(site, context.run_config)
         state, _ = she.received_state(msg.content, for_site(cfg, site), ctx)
     result = evaluate_round(cfg, site, state, _residual(msg))

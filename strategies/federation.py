@@ -36,6 +36,14 @@ class CentralEvaluator:
         self.data = heldout_dataset(cfg)
         self.collate = collator(cfg)
 
+    def config(self) -> ConfigRecord:
+        """Per-round message config: the base model's fingerprint for the sites."""
+        from fedlora.fingerprint import base_fingerprint
+
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = base_fingerprint(self.bundle.model)
+        return ConfigRecord({"base-fingerprint": self._fingerprint})
+
     def initial_state(self) -> StateDict:
         """Return the freshly initialised adapter (A random from the seed, B zero)."""
         from fedlora.adapters import adapter_state
@@ -125,13 +133,15 @@ def run_federation(
     timeout = cfg.federation.round_timeout
     for rnd in range(done + 1, cfg.federation.rounds + 1):
         start = time.perf_counter()
-        messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
+        messages = strategy.configure_train(rnd, arrays, evaluator.config(), grid)
         replies = grid.send_and_receive(messages, timeout=timeout)
         train_end = time.perf_counter()
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
             arrays = new_arrays
-        fed_eval = _federated_evaluation(grid, strategy, rnd, arrays, timeout)
+        fed_eval = _federated_evaluation(
+            grid, strategy, rnd, arrays, timeout, evaluator.config()
+        )
         state = from_record(arrays)
         eval_start = time.perf_counter()
         if strategy.server_can_evaluate:
@@ -170,9 +180,14 @@ def run_federation(
 
 
 def _federated_evaluation(
-    grid: Grid, strategy: FedAvgLora, rnd: int, arrays: ArrayRecord, timeout: float
+    grid: Grid,
+    strategy: FedAvgLora,
+    rnd: int,
+    arrays: ArrayRecord,
+    timeout: float,
+    config: ConfigRecord,
 ) -> dict[str, Any]:
-    messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
+    messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
     if not messages:
         return {}
     replies = grid.send_and_receive(messages, timeout=timeout)

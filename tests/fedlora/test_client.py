@@ -131,3 +131,23 @@ def test_site_rank_comes_from_node_config_then_client_ranks() -> None:
     assert site_rank(cfg, SiteConfig(0, 8, rank=12)) == 12
     with pytest.raises(ConfigError, match="rank 32 exceeds adapter.rank=16"):
         site_rank(cfg, SiteConfig(0, 8, rank=32))
+
+
+def test_a_site_refuses_a_base_model_other_than_the_servers() -> None:
+    import dataclasses
+
+    from fedlora.client import check_base_model
+    from fedlora.fingerprint import base_fingerprint
+
+    server = base_fingerprint(model_bundle(CFG).model)
+    check_base_model(CFG, SiteConfig(0, 2), server)  # same weights: trains
+    # the adapter rank is not part of the base model
+    other_rank = dataclasses.replace(
+        CFG, adapter=dataclasses.replace(CFG.adapter, rank=2)
+    )
+    assert base_fingerprint(model_bundle(other_rank).model) == server
+    wider = dataclasses.replace(
+        CFG, model=dataclasses.replace(CFG.model, tiny_hidden_size=32)
+    )
+    with pytest.raises(ValueError, match="is not the server's"):
+        check_base_model(wider, SiteConfig(0, 2), server)

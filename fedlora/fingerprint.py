@@ -1,0 +1,43 @@
+"""Identity of a frozen base model, so a site never trains on the wrong weights.
+
+The fingerprint is a SHA-256 over the model's config (architecture, sizes,
+vocabulary), the name and shape of every base parameter, and the values of the
+base tensors that are not quantised (embeddings, norms, biases), cast to bfloat16.
+Casting makes it independent of where the model runs (a CUDA site in bfloat16 and
+a CPU server in float32 agree) while any different checkpoint, size or quantisation
+layout changes it. LoRA factors and the task head are excluded: they are the
+adapter, not the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from torch import nn
+
+_SKIP = ("lora_", "modules_to_save", "original_module")
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Fingerprint (16 hex chars) of the frozen base model inside ``model``."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        keep = {
+            k: v
+            for k, v in sorted(config.to_dict().items())
+            if isinstance(v, (int, str, bool))
+            and not k.startswith("_")
+            and k not in ("torch_dtype", "dtype", "transformers_version")
+        }
+        digest.update(json.dumps(keep, sort_keys=True).encode())
+    for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if any(s in name for s in _SKIP) or "classifier" in name or "score" in name:
+            continue
+        digest.update(f"{name}:{tuple(param.shape)};".encode())
+        if param.is_floating_point() and param.numel() > 0:
+            values = param.detach().to("cpu", torch.bfloat16).contiguous()
+            digest.update(values.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
