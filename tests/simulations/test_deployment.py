@@ -34,7 +34,7 @@ def test_the_readme_guide_shows_exactly_these_commands() -> None:
             "superlink.example.org:8000",
             "certs/ca.crt",
             "certs/site-0.key",
-            "partition-id=0 num-partitions=3 state-dir=/var/lib/fedlora",
+            "data-path=/data/site-0.jsonl state-dir=/var/lib/fedlora",
             9094,
         ),
         run_cmd(".", "run.toml"),
@@ -46,16 +46,22 @@ def test_the_readme_guide_shows_exactly_these_commands() -> None:
 
 @pytest.mark.slow
 def test_tls_deployment_with_supernode_auth_runs_two_rounds(tmp_path: Path) -> None:
+    from fedlora.data import instruct
+
     run_dir = tmp_path / "run"
+    files = {}  # each site its own data file; the server its held-out file
+    for name, seed, n in (("server", 9, 60), ("site-0", 0, 120), ("site-1", 1, 120)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        instruct.generate(n, seed).to_json(str(files[name]))
     cfg = build_config(
         ExperimentConfig,
         {
             "model.name": "tiny_llama",
             "model.tiny_hidden_size": 64,
-            "data.source": "synthetic_instruct",
+            "data.source": "local",
+            "data.path": str(files["server"]),
             "data.task": "causal_lm",
             "data.partitioner": "iid",
-            "data.num_examples": 300,
             "federation.clients": 2,
             "federation.rounds": 2,
             "federation.local_steps": 3,
@@ -70,9 +76,9 @@ def test_tls_deployment_with_supernode_auth_runs_two_rounds(tmp_path: Path) -> N
             dep.register(site)
             dep.start_site(
                 site,
-                f"partition-id={site} num-partitions=2 state-dir='{tmp_path}/s{site}'",
+                f"data-path='{files[f'site-{site}']}' state-dir='{tmp_path}/s{site}'",
             )
-        intruder = dep.start_site(2, "partition-id=0 num-partitions=2")
+        intruder = dep.start_site(2, f"data-path='{files['site-0']}'")
         assert intruder.wait(timeout=120) != 0
         log = (dep.work_dir / "site-2.log").read_text()
         assert "Failed to activate SuperNode" in log
