@@ -159,6 +159,8 @@ def run_federation(
             **central,
             "epsilon": stats.epsilon,
             "clients": stats.accepted,
+            # False: fewer valid replies than min_clients, global adapter unchanged
+            "round_applied": new_arrays is not None,
             "clients_exhausted": len(stats.exhausted),
             "clients_sampled": stats.sampled,
             "clients_dropped": len(stats.dropped),

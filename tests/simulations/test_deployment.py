@@ -88,5 +88,6 @@ def test_tls_deployment_with_supernode_auth_runs_two_rounds(tmp_path: Path) -> N
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["clients"] == 2 and r["clients_dropped"] == 0 for r in rows[1:])
+    assert all(r["round_applied"] for r in rows[1:])
     assert rows[-1]["eval_perplexity"] < rows[0]["eval_perplexity"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
