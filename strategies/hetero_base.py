@@ -125,17 +125,17 @@ class HeteroRankLora(FedAvgLora):
     # -- learning the nodes -------------------------------------------------
 
     def query(
-        self, grid: Grid, node_ids: Iterable[int], kind: str, extra: RecordDict | None
+        self, grid: Grid, node_ids: Iterable[int], kind: str
     ) -> dict[int, Message]:
-        """Send a query of ``kind`` to ``node_ids``; the replies without error."""
-        messages = []
-        for node in node_ids:
-            content = RecordDict({"config": ConfigRecord({QUERY_KEY: kind})})
-            for key, record in (extra or RecordDict()).items():
-                content[key] = record
-            messages.append(
-                Message(content, dst_node_id=node, message_type=MessageType.QUERY)
+        """Send a ``kind`` query to ``node_ids``; return the replies without error."""
+        messages = [
+            Message(
+                RecordDict({"config": ConfigRecord({QUERY_KEY: kind})}),
+                dst_node_id=node,
+                message_type=MessageType.QUERY,
             )
+            for node in node_ids
+        ]
         replies = {}
         for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
             node = reply.metadata.src_node_id
@@ -149,7 +149,7 @@ class HeteroRankLora(FedAvgLora):
         """Ask unknown nodes for their rank and HE budget; return usable nodes."""
         unknown = [n for n in node_ids if n not in self.nodes]
         if unknown:
-            for node, reply in self.query(grid, unknown, "site", None).items():
+            for node, reply in self.query(grid, unknown, "site").items():
                 m = reply.content.metric_records["site"]
                 rank = int(metric(m, "rank"))
                 if not 1 <= rank <= self.max_rank:

@@ -105,7 +105,7 @@ class SheLora(HeteroRankLora):
 
     def negotiate(self, grid: Grid, nodes: list[int]) -> None:
         """Query the nodes' column scores; fix one nested list per matrix."""
-        replies = self.query(grid, nodes, "she-sensitivity", None)
+        replies = self.query(grid, nodes, "she-sensitivity")
         names = module_names(self._global())
         selections: dict[str, list[Selection]] = {n: [] for n in names}
         for node, reply in replies.items():
