@@ -44,7 +44,7 @@ def test_a_site_killed_mid_round_is_dropped_and_rejoins_after_restart(
             "federation.clients": 3,
             "federation.min_clients": 2,
             "federation.rounds": 3,
-            "federation.local_steps": 10,
+            "federation.local_steps": 3,
             "federation.round_timeout": 120,
             "train.batch_size": 4,
             "output_dir": str(run_dir),
