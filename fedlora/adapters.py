@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 StateDict = dict[str, Tensor]
+A_SUFFIX = ".lora_A.weight"  # key suffix of A: (r, d_in)
+B_SUFFIX = ".lora_B.weight"  # key suffix of B: (d_out, r)
 
 
 def factor_of(key: str) -> str | None:
@@ -29,6 +31,27 @@ def factor_of(key: str) -> str | None:
         if f".{factor}." in key:
             return factor
     return None
+
+
+def matrix_names(state: Mapping[str, Tensor]) -> list[str]:
+    """Adapted matrices in ``state`` (key prefixes of ``.lora_A.weight``), sorted.
+
+    The prefix is also the PEFT model's module name of that LoRA layer.
+    """
+    return sorted(k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX))
+
+
+def factor_pairs(state: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{name.lora_B.weight, name.lora_A.weight, ...}`` -> ``{name: (B, A)}``."""
+    return {n: (state[n + B_SUFFIX], state[n + A_SUFFIX]) for n in matrix_names(state)}
+
+
+def pairs_state(pairs: Mapping[str, tuple[Tensor, Tensor]]) -> StateDict:
+    """Inverse of :func:`factor_pairs` (other tensors are not included)."""
+    out: StateDict = {}
+    for name, (b, a) in pairs.items():
+        out[name + B_SUFFIX], out[name + A_SUFFIX] = b, a
+    return out
 
 
 def adapter_state(model: PeftModel) -> StateDict:

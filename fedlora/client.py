@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fedlora.adapters import (
+    A_SUFFIX,
     StateDict,
     adapter_state,
     fingerprint,
@@ -83,7 +84,7 @@ def for_site(cfg: ClientConfig, site: SiteConfig) -> ClientConfig:
 def check_rank(cfg: ClientConfig, received: Mapping[str, Tensor]) -> None:
     """Refuse factors of another rank with a message that names the fix."""
     for key, tensor in received.items():
-        if key.endswith(".lora_A.weight") and tensor.shape[0] != cfg.adapter.rank:
+        if key.endswith(A_SUFFIX) and tensor.shape[0] != cfg.adapter.rank:
             raise ValueError(
                 f"the server sent rank-{tensor.shape[0]} LoRA factors but this site "
                 f"trains at rank {cfg.adapter.rank} (node-config rank / "
@@ -205,7 +206,8 @@ def column_scores_for_site(
     Runs the site's model (its own rank) over up to ``samples`` local examples
     and scores every input column by ``sum |A[:, j]| * ||X_j||`` (algorithms.md §5.3).
     """
-    from fedlora.she.client import input_norms, matrix_names, sensitivity
+    from fedlora.adapters import matrix_names
+    from fedlora.she.client import input_norms, sensitivity
     from fedlora.train import to_device
 
     cfg = for_site(cfg, site)

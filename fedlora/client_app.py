@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
-from fedlora.adapters import from_record, to_record
+from fedlora.adapters import factor_pairs, from_record, to_record
 from fedlora.client import (
     check_base_model,
     column_scores_for_site,
@@ -22,21 +22,19 @@ from fedlora.client import (
     train_round,
 )
 from fedlora.config import ClientConfig
-from fedlora.residual import residual_from_state
+from fedlora.residual import RESIDUAL_RECORD
 from fedlora.she import flower as she
 from fedlora.site import SiteConfig
 
 app = ClientApp()
 # context.state key of the DP ledger (accountant history) of this node.
 LEDGER_RECORD = "fedlora-dp"
-# Message record with FLoRA's merged update (a frozen delta beside the base).
-RESIDUAL_RECORD = "flora-residual"
 
 
 def _residual(msg: Message) -> dict[str, tuple[Tensor, Tensor]]:
     """FLoRA's merged update sent beside the adapter (empty for other strategies)."""
     record = msg.content.array_records.get(RESIDUAL_RECORD)
-    return residual_from_state(from_record(record)) if record is not None else {}
+    return factor_pairs(from_record(record)) if record is not None else {}
 
 
 @app.train()

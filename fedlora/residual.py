@@ -17,7 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedlora.adapters import pairs_state
+
 Residual = Mapping[str, tuple[Tensor, Tensor]]  # matrix name -> (B_res, A_res)
+# Message record that carries the residual (``adapters.pairs_state`` layout).
+RESIDUAL_RECORD = "flora-residual"
 _HANDLES = "_fedlora_residual_hooks"
 
 
@@ -51,18 +55,6 @@ def set_residual(model: nn.Module, residual: Residual) -> None:
     setattr(model, _HANDLES, handles)
 
 
-def residual_from_state(
-    state: Mapping[str, Tensor],
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{name.lora_B.weight, name.lora_A.weight}`` tensors -> ``{name: (B, A)}``."""
-    out = {}
-    for key, a in state.items():
-        if key.endswith(".lora_A.weight"):
-            name = key[: -len(".lora_A.weight")]
-            out[name] = (state[name + ".lora_B.weight"], a)
-    return out
-
-
 def write_residual_adapter(path: Any, residual: Residual) -> int:
     """Rewrite the PEFT adapter saved in ``path`` so that its LoRA *is* the residual.
 
@@ -80,13 +72,14 @@ def write_residual_adapter(path: Any, residual: Residual) -> int:
     root = Path(path)
     weights = load_file(str(root / "adapter_model.safetensors"))
     rank = max((b.shape[1] for b, _ in residual.values()), default=0)
+    padded = {}
     for name, (b, a) in residual.items():
         pad_b = torch.zeros(b.shape[0], rank)
         pad_a = torch.zeros(rank, a.shape[1])
         pad_b[:, : b.shape[1]] = b
         pad_a[: a.shape[0], :] = a
-        weights[name + ".lora_B.weight"] = pad_b.contiguous()
-        weights[name + ".lora_A.weight"] = pad_a.contiguous()
+        padded[name] = (pad_b.contiguous(), pad_a.contiguous())
+    weights.update(pairs_state(padded))
     save_file(weights, str(root / "adapter_model.safetensors"))
     config_path = root / "adapter_config.json"
     config = json.loads(config_path.read_text())

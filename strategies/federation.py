@@ -18,6 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedlora.adapters import StateDict, from_record, load_adapter_state, to_record
+from fedlora.fingerprint import base_fingerprint
 from fedlora.residual import Residual, set_residual, write_residual_adapter
 from fedlora.runtime import collator, heldout_dataset, model_bundle
 from fedlora.train import EvalResult, evaluate
@@ -35,14 +36,11 @@ class CentralEvaluator:
         self.bundle = model_bundle(cfg)
         self.data = heldout_dataset(cfg)
         self.collate = collator(cfg)
+        self.fingerprint = base_fingerprint(self.bundle.model)
 
     def config(self) -> ConfigRecord:
         """Per-round message config: the base model's fingerprint for the sites."""
-        from fedlora.fingerprint import base_fingerprint
-
-        if not hasattr(self, "_fingerprint"):
-            self._fingerprint = base_fingerprint(self.bundle.model)
-        return ConfigRecord({"base-fingerprint": self._fingerprint})
+        return ConfigRecord({"base-fingerprint": self.fingerprint})
 
     def initial_state(self) -> StateDict:
         """Return the freshly initialised adapter (A random from the seed, B zero)."""

@@ -10,12 +10,14 @@ singular triplets are nested.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
-from fedlora.adapters import StateDict
+from fedlora.adapters import A_SUFFIX, B_SUFFIX, StateDict
 from fedlora.lowrank import svd_factors
 from strategies.hetero import mean_update
-from strategies.hetero_base import A_SUFFIX, B_SUFFIX, HeteroRankLora, truncate_state
+from strategies.hetero_base import HeteroRankLora, truncate_state
 
 Svd = tuple[Tensor, Tensor, Tensor]
 
@@ -25,8 +27,8 @@ class FlexLora(HeteroRankLora):
 
     checkpoint_attrs = ("residual", "svd")
 
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.svd: dict[str, Svd] = {}  # matrix -> SVD of the latest dW
 
     def merge_factors(

@@ -19,11 +19,10 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from torch import Tensor
 
-from fedlora.adapters import to_record
+from fedlora.adapters import A_SUFFIX, B_SUFFIX, pairs_state, to_record
+from fedlora.residual import RESIDUAL_RECORD
 from strategies.hetero import flora_stack
-from strategies.hetero_base import A_SUFFIX, B_SUFFIX, HeteroRankLora
-
-RESIDUAL_RECORD = "flora-residual"
+from strategies.hetero_base import HeteroRankLora
 
 
 def append_stack(
@@ -70,10 +69,5 @@ class Flora(HeteroRankLora):
         """Send the shared initial adapter at the node's rank, plus the residual."""
         content = super().node_content(server_round, node, config)
         if self.residual:
-            content[RESIDUAL_RECORD] = to_record(
-                {
-                    **{n + B_SUFFIX: b for n, (b, _) in self.residual.items()},
-                    **{n + A_SUFFIX: a for n, (_, a) in self.residual.items()},
-                }
-            )
+            content[RESIDUAL_RECORD] = to_record(pairs_state(self.residual))
         return content

@@ -20,15 +20,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import Tensor
 
-from fedlora.adapters import StateDict, from_record, to_record
+from fedlora.adapters import (
+    A_SUFFIX,
+    B_SUFFIX,
+    StateDict,
+    from_record,
+    matrix_names,
+    to_record,
+)
 from fedlora.lowrank import lora_scale
 from strategies.aggregation import weighted_mean
 from strategies.config import ExperimentConfig
 from strategies.fedavg_lora import FedAvgLora, metric
 from strategies.validation import reply_problem
 
-A_SUFFIX = ".lora_A.weight"
-B_SUFFIX = ".lora_B.weight"
 QUERY_KEY = "fedlora-query"
 
 
@@ -39,11 +44,6 @@ class NodeInfo:
     rank: int
     he_budget: int
     partition_id: int
-
-
-def module_names(state: Mapping[str, Tensor]) -> list[str]:
-    """Adapted matrices in ``state`` (key prefixes of ``lora_A``/``lora_B``), sorted."""
-    return sorted(k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX))
 
 
 def head_keys(state: Mapping[str, Tensor]) -> list[str]:
@@ -272,7 +272,7 @@ class HeteroRankLora(FedAvgLora):
             new.update(
                 weighted_mean([{k: s[k] for k in heads} for s in states], weights)
             )
-        for name in module_names(glob):
+        for name in matrix_names(glob):
             factors = [(s[name + B_SUFFIX], s[name + A_SUFFIX]) for s in states]
             b, a = self.merge_factors(server_round, name, factors, weights, ranks)
             new[name + B_SUFFIX] = b.float()

@@ -34,9 +34,18 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import Tensor
 
-from fedlora.adapters import StateDict, from_record, to_record
+from fedlora.adapters import (
+    A_SUFFIX,
+    B_SUFFIX,
+    StateDict,
+    from_record,
+    matrix_names,
+    pairs_state,
+    to_record,
+)
 from fedlora.lowrank import svd_factors
 from fedlora.she.columns import Selection, negotiate, unswap_columns
+from fedlora.she.flower import CIPHER, PLAIN
 from fedlora.she.keys import context_id, load_public_context
 from fedlora.she.packing import add_ciphertexts, num_chunks, ordered_chunks
 from strategies.aggregation import weighted_mean
@@ -44,16 +53,10 @@ from strategies.config import ExperimentConfig
 from strategies.fedavg_lora import RoundStats, metric
 from strategies.hetero import mean_update
 from strategies.hetero_base import (
-    A_SUFFIX,
-    B_SUFFIX,
     HeteroRankLora,
     head_keys,
-    module_names,
     truncate_state,
 )
-
-CIPHER = "she-cipher"
-PLAIN = "she-plain"
 
 
 class SheLora(HeteroRankLora):
@@ -106,7 +109,7 @@ class SheLora(HeteroRankLora):
     def negotiate(self, grid: Grid, nodes: list[int]) -> None:
         """Query the nodes' column scores; fix one nested list per matrix."""
         replies = self.query(grid, nodes, "she-sensitivity")
-        names = module_names(self._global())
+        names = matrix_names(self._global())
         selections: dict[str, list[Selection]] = {n: [] for n in names}
         for node, reply in replies.items():
             rec = reply.content.config_records["she-scores"]
@@ -159,12 +162,7 @@ class SheLora(HeteroRankLora):
         content = RecordDict({"config": own})
         if self.plain:
             state = {k: state[k] for k in head_keys(state)}
-            content[PLAIN] = to_record(
-                {
-                    **{n + B_SUFFIX: b for n, (b, _) in self.plain.items()},
-                    **{n + A_SUFFIX: a for n, (_, a) in self.plain.items()},
-                }
-            )
+            content[PLAIN] = to_record(pairs_state(self.plain))
             content[CIPHER] = ConfigRecord(
                 {f"c{i}": c for i, c in enumerate(self.summed)}
             )

@@ -23,17 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedlora.adapters import StateDict
+from fedlora.adapters import A_SUFFIX, B_SUFFIX, StateDict, matrix_names
 from fedlora.she.columns import column_scores, swap_columns, top_columns
 from fedlora.she.packing import decrypt_columns, encrypt_columns
-
-A_SUFFIX = ".lora_A.weight"
-B_SUFFIX = ".lora_B.weight"
-
-
-def matrix_names(state: Mapping[str, Tensor]) -> list[str]:
-    """Adapted matrices (key prefix before ``.lora_A.weight``), sorted."""
-    return sorted(k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX))
 
 
 @torch.no_grad()

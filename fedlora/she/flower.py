@@ -15,16 +15,10 @@ from typing import Any
 from flwr.app import ConfigRecord, RecordDict
 from torch import Tensor
 
-from fedlora.adapters import StateDict, from_record
+from fedlora.adapters import A_SUFFIX, B_SUFFIX, StateDict, factor_pairs, from_record
 from fedlora.config import ClientConfig
 from fedlora.lowrank import best_rank_factors, lora_scale
-from fedlora.she.client import (
-    A_SUFFIX,
-    B_SUFFIX,
-    encrypt_upload,
-    matrix_names,
-    merged_updates,
-)
+from fedlora.she.client import encrypt_upload, merged_updates
 from fedlora.she.keys import context_id, load_secret_context
 from fedlora.she.packing import ordered_chunks
 from fedlora.site import SiteConfig
@@ -92,8 +86,7 @@ def received_state(
     if PLAIN not in content.array_records:
         return state, 0.0
     start = time.perf_counter()
-    plain = from_record(content.array_records[PLAIN])
-    pairs = {n: (plain[n + B_SUFFIX], plain[n + A_SUFFIX]) for n in matrix_names(plain)}
+    pairs = factor_pairs(from_record(content.array_records[PLAIN]))
     sum_k = int(str(config["she-sum-k"]))
     dense = merged_updates(
         pairs,
