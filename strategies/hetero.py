@@ -5,8 +5,10 @@ Client ``i`` holds ``B_i: (d_out, r_i)`` and ``A_i: (r_i, d_in)`` with LoRA scal
 ``dW_i = s_i B_i A_i``. Three ways to merge clients of different ranks:
 
 * HetLoRA [Cho et al., EMNLP 2024]: zero-pad every client to ``r_max``, average the
-  factors (optionally weighted by ``||B_i A_i||_F``), truncate to each client's rank.
-  Not exact: factor averaging (algorithms.md §1.1) and truncation.
+  factors (optionally weighted by ``||s_i B_i A_i||_F``), truncate to each client's
+  rank. ``B_i`` is rescaled by ``s_i / s_max`` before padding and by ``s_max / s_i``
+  on truncation, so a padded client contributes exactly its own update.
+  Not exact: the mean of factors is not the mean of products, and truncation.
 * FLoRA [Wang et al., NeurIPS 2024]: stack ``[B_1 | ... | B_K]`` and
   ``[p_1 s_1 A_1; ...; p_K s_K A_K]``; the stacked product is exactly
   ``sum_i p_i dW_i``.
@@ -55,30 +57,37 @@ def pad_rank(b: Tensor, a: Tensor, r_max: int) -> Factors:
     return b_pad, a_pad
 
 
-def truncate_rank(b: Tensor, a: Tensor, r: int) -> Factors:
-    """Keep the first ``r`` rank components: ``B[:, :r]``, ``A[:r, :]`` (copies)."""
-    return b[:, :r].clone(), a[:r, :].clone()
-
-
 def hetlora_merge(
-    factors: Sequence[Factors], weights: Sequence[float], *, norm_weighting: bool
+    factors: Sequence[Factors],
+    weights: Sequence[float],
+    scales: Sequence[float],
+    *,
+    r_max: int,
+    s_max: float,
+    norm_weighting: bool,
 ) -> Factors:
     """HetLoRA: factor-wise weighted mean of the zero-padded clients at ``r_max``.
 
-    With ``norm_weighting`` the weights are ``w_i ||B_i A_i||_F`` (HetLoRA's
-    sparsity weighting); otherwise ``w_i``. Returns float64 ``(B, A)`` at ``r_max``.
+    Client ``i`` (scale ``s_i``) enters as ``(B_i s_i / s_max, A_i)`` zero-padded to
+    ``r_max``, so under the global scale ``s_max`` its padded factors give exactly
+    its own update ``s_i B_i A_i``: a client merged alone is returned unchanged.
+    With ``norm_weighting`` the weights are ``w_i ||s_i B_i A_i||_F`` (HetLoRA's
+    sparsity weighting; uniform when every update is zero, e.g. while B = 0);
+    otherwise ``w_i``. Returns float64 ``B: (d_out, r_max)``, ``A: (r_max, d_in)``.
     """
     if norm_weighting:
-        weights = [
-            w * float(torch.linalg.matrix_norm(b.double() @ a.double()))
-            for w, (b, a) in zip(weights, factors, strict=True)
+        norms = [
+            s * float(torch.linalg.matrix_norm(b.double() @ a.double()))
+            for s, (b, a) in zip(scales, factors, strict=True)
         ]
+        weights = [w * n for w, n in zip(weights, norms, strict=True)]
+        if sum(weights) <= 0:
+            weights = [1.0] * len(factors)
     p = _check(factors, weights)
-    r_max = max(b.shape[1] for b, _ in factors)
     b_sum = torch.zeros(factors[0][0].shape[0], r_max, dtype=torch.float64)
     a_sum = torch.zeros(r_max, factors[0][1].shape[1], dtype=torch.float64)
-    for pi, (b, a) in zip(p, factors, strict=True):
-        b_pad, a_pad = pad_rank(b.double(), a.double(), r_max)
+    for pi, si, (b, a) in zip(p, scales, factors, strict=True):
+        b_pad, a_pad = pad_rank(b.double() * (si / s_max), a.double(), r_max)
         b_sum += pi * b_pad
         a_sum += pi * a_pad
     return b_sum, a_sum

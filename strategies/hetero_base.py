@@ -51,14 +51,20 @@ def head_keys(state: Mapping[str, Tensor]) -> list[str]:
     return [k for k in state if not k.endswith((A_SUFFIX, B_SUFFIX))]
 
 
-def truncate_state(state: Mapping[str, Tensor], rank: int) -> StateDict:
-    """First ``rank`` components of every factor (B columns, A rows); head as is."""
+def truncate_state(
+    state: Mapping[str, Tensor], rank: int, *, b_factor: float = 1.0
+) -> StateDict:
+    """First ``rank`` components of every factor (B columns, A rows); head as is.
+
+    ``b_factor`` multiplies the kept ``B`` columns (HetLoRA's ``s_max / s_i``, so a
+    client whose LoRA scale differs from the global one gets the same update).
+    """
     out: StateDict = {}
     for k, v in state.items():
         if k.endswith(A_SUFFIX):
             out[k] = v[:rank, :].clone()
         elif k.endswith(B_SUFFIX):
-            out[k] = v[:, :rank].clone()
+            out[k] = v[:, :rank] * b_factor if b_factor != 1.0 else v[:, :rank].clone()
         else:
             out[k] = v.clone()
     return out

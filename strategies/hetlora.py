@@ -2,10 +2,13 @@
 
 Paper: "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation
 Models". Every client's factors are zero-padded to the maximum rank, averaged
-factor by factor (optionally weighted by ``||B_i A_i||_F``, the paper's sparsity
-weighting) and each client receives the first ``r_i`` components. Not exact: the
-factor average is not the average of the products (algorithms.md §1.1, §6.1), and
-the client-side rank self-pruning of the paper is not implemented.
+factor by factor (optionally weighted by ``||s_i B_i A_i||_F``, the paper's
+sparsity weighting) and each client receives the first ``r_i`` components. The
+LoRA scale ``s_i = alpha / r_i`` differs by rank, so ``B_i`` is rescaled by
+``s_i / s_max`` when padded and by ``s_max / s_i`` when truncated: the global
+adapter (scale ``s_max``) holds each client's update at its true size. Not exact:
+the factor average is not the average of the products, and truncation drops
+components. The client-side rank self-pruning of the paper is not implemented.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch import Tensor
 
 from strategies.config import ExperimentConfig
 from strategies.hetero import hetlora_merge
-from strategies.hetero_base import HeteroRankLora
+from strategies.hetero_base import HeteroRankLora, StateDict, truncate_state
 
 
 class HetLora(HeteroRankLora):
@@ -37,6 +40,17 @@ class HetLora(HeteroRankLora):
         """``strategy.norm_weighting``."""
         return {"norm_weighting": cfg.strategy.norm_weighting}
 
+    def client_state(self, server_round: int, node: int) -> StateDict:
+        """First ``r_i`` components with ``B`` rescaled by ``s_max / s_i``.
+
+        The node applies its own scale ``s_i``, so ``s_i B_i A_i`` equals the
+        global ``s_max B A`` restricted to the first ``r_i`` components.
+        """
+        del server_round
+        rank = self.nodes[node].rank
+        factor = self.scale(self.max_rank) / self.scale(rank)
+        return truncate_state(self._global(), rank, b_factor=factor)
+
     def merge_factors(
         self,
         server_round: int,
@@ -45,20 +59,13 @@ class HetLora(HeteroRankLora):
         weights: list[float],
         ranks: list[int],
     ) -> tuple[Tensor, Tensor]:
-        """Return the padded factor-wise mean at ``max_rank``."""
+        """Return the padded, rescaled factor-wise mean at ``max_rank``."""
         del server_round, name
-        scaled = [
-            (self.scale(r) * b, a) for r, (b, a) in zip(ranks, factors, strict=True)
-        ]
-        if self.norm_weighting:
-            # Frobenius norm of the actual update s_i B_i A_i, factors unscaled
-            norms = [float((bs.double() @ a.double()).norm()) for bs, a in scaled]
-            weights = [w * n for w, n in zip(weights, norms, strict=True)]
-            if sum(weights) <= 0:  # every update is zero (e.g. round 1 with B = 0)
-                weights = [1.0] * len(weights)
-        b, a = hetlora_merge(factors, weights, norm_weighting=False)
-        pad_b = b.new_zeros(b.shape[0], self.max_rank)
-        pad_a = a.new_zeros(self.max_rank, a.shape[1])
-        pad_b[:, : b.shape[1]] = b
-        pad_a[: a.shape[0], :] = a
-        return pad_b, pad_a
+        return hetlora_merge(
+            factors,
+            weights,
+            [self.scale(r) for r in ranks],
+            r_max=self.max_rank,
+            s_max=self.scale(self.max_rank),
+            norm_weighting=self.norm_weighting,
+        )

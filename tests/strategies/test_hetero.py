@@ -14,8 +14,8 @@ from strategies.hetero import (
     hetlora_merge,
     mean_update,
     pad_rank,
-    truncate_rank,
 )
+from strategies.hetero_base import truncate_state
 
 D_OUT, D_IN = 12, 10
 
@@ -38,8 +38,9 @@ def test_padding_keeps_the_product_and_truncation_inverts_it() -> None:
     b_pad, a_pad = pad_rank(b, a, 8)
     assert b_pad.shape == (D_OUT, 8) and a_pad.shape == (8, D_IN)
     assert torch.allclose(b_pad @ a_pad, b @ a, atol=1e-12)
-    b_back, a_back = truncate_rank(b_pad, a_pad, 3)
-    assert torch.equal(b_back, b) and torch.equal(a_back, a)
+    back = truncate_state({"m.lora_B.weight": b_pad, "m.lora_A.weight": a_pad}, 3)
+    assert torch.equal(back["m.lora_B.weight"], b)
+    assert torch.equal(back["m.lora_A.weight"], a)
     with pytest.raises(AggregationError, match="exceeds the maximum rank"):
         pad_rank(b, a, 2)
 
@@ -47,7 +48,9 @@ def test_padding_keeps_the_product_and_truncation_inverts_it() -> None:
 def test_hetlora_with_equal_ranks_equals_fedavg() -> None:
     clients = _clients([4, 4, 4])
     weights = [3.0, 1.0, 2.0]
-    b, a = hetlora_merge(clients, weights, norm_weighting=False)
+    b, a = hetlora_merge(
+        clients, weights, [2.0] * 3, r_max=4, s_max=2.0, norm_weighting=False
+    )
     states = [{"B": cb, "A": ca} for cb, ca in clients]
     ref = weighted_mean(states, weights)
     assert torch.allclose(b, ref["B"], atol=1e-12) and torch.allclose(
@@ -57,9 +60,17 @@ def test_hetlora_with_equal_ranks_equals_fedavg() -> None:
 
 def test_hetlora_norm_weighting_uses_the_update_norms() -> None:
     clients = _clients([2, 4, 8])
-    norms = [float(torch.linalg.matrix_norm(cb @ ca)) for cb, ca in clients]
-    b, a = hetlora_merge(clients, [1.0, 1.0, 1.0], norm_weighting=True)
-    padded = [pad_rank(cb, ca, 8) for cb, ca in clients]
+    scales = [16 / 2, 16 / 4, 16 / 8]
+    norms = [
+        s * float(torch.linalg.matrix_norm(cb @ ca))
+        for s, (cb, ca) in zip(scales, clients, strict=True)
+    ]
+    b, a = hetlora_merge(
+        clients, [1.0, 1.0, 1.0], scales, r_max=8, s_max=2.0, norm_weighting=True
+    )
+    padded = [
+        pad_rank(cb * s / 2.0, ca, 8) for s, (cb, ca) in zip(scales, clients, strict=True)
+    ]
     ref_b = sum(n * pb for n, (pb, _) in zip(norms, padded, strict=True)) / sum(norms)
     assert torch.allclose(b, ref_b, atol=1e-12)
     assert b.shape == (D_OUT, 8) and a.shape == (8, D_IN)
