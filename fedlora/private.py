@@ -218,9 +218,7 @@ def dp_train_round(
         for k in range(steps):
             global_step = (server_round - 1) * steps + k
             if rule.factors_for_step is not None:
-                activate_factors(
-                    model, trainer.param_names, rule.factors_for_step(global_step + 1)
-                )
+                activate_factors(model, trainer.param_names, rule.factors_for_step(k + 1))
             trainer.set_lr(
                 cfg.train.lr
                 * lr_factor(global_step, cfg.federation.rounds * steps, cfg.train)

@@ -87,8 +87,9 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 class StepRule(NamedTuple):
     """Per-step behaviour of a local update rule (defaults: plain LoRA).
 
-    ``factors_for_step`` maps the global 1-based step to the LoRA factors updated
-    in it (alternating schemes); ``grad_transform(name, grad)`` post-processes each
+    ``factors_for_step`` maps the 1-based local step of the round to the LoRA
+    factors updated in it (alternating schemes: every round starts the same way,
+    whatever the number of local steps); ``grad_transform(name, grad)`` post-processes each
     gradient before the update (LA-LoRA's low-pass filter); ``lr_ratio_b`` scales
     the learning rate of B relative to A and the head.
     """
@@ -183,7 +184,7 @@ def train_local(
     start = time.perf_counter()
     for k in range(steps):
         if rule.factors_for_step is not None:
-            activate_factors(model, names, rule.factors_for_step(start_step + k + 1))
+            activate_factors(model, names, rule.factors_for_step(k + 1))
         for group, spec in zip(optimizer.param_groups, groups, strict=True):
             group["lr"] = spec["base_lr"] * lr_factor(start_step + k, total_steps, cfg)
         step_loss = 0.0

@@ -3,15 +3,17 @@
 A variant decides which LoRA factors a client trains in a round and in each local
 step, which tensors the server sends down and which come back. All schedules are
 driven by indices the server and every client share (the server round, and the
-global step ``(round - 1) * K + k``), never by a per-client counter (P5).
+1-based local step ``k`` of the round), never by a per-client counter, so every
+client alternates in step.
 
 * ``lora`` -- plain LoRA (FedIT): A and B every step, both sent, both averaged.
 * ``ffa`` -- FFA-LoRA [Sun et al., ICLR 2024]: A frozen at its shared random init,
   only B trained and sent (both directions), so averaging B is exactly averaging
   the updates ``B_i A``.
 * ``la_lora`` -- LA-LoRA [Liu et al., ICLR 2026]: A and B alternate per local step
-  (B on odd global steps, 1-based) and the privatised gradient is low-pass filtered;
-  both factors are sent and averaged.
+  (B on the round's odd local steps, 1-based, as in the paper, so every round
+  starts with B even when the number of local steps is odd) and the privatised
+  gradient is low-pass filtered; both factors are sent and averaged.
 * ``rolora`` -- RoLoRA [Chen et al., 2024]: alternation across rounds; odd rounds
   train the zero-initialised B, even rounds A; only the trained factor comes back.
 
@@ -47,8 +49,8 @@ class Variant:
     sends_down : Callable[[int], frozenset[str]]
         Server round -> factors the server sends to clients.
     factors_for_step : Callable[[int], frozenset[str]] | None
-        Global local step (1-based) -> factors updated in that step; None means
-        every factor of the round in every step.
+        Local step of the round (1-based) -> factors updated in that step; None
+        means every factor of the round in every step.
     lowpass : bool
         Whether the LA-LoRA low-pass filter applies to the gradients.
     """
@@ -96,7 +98,8 @@ def b_on_odd(index: int) -> frozenset[str]:
     """B on odd indices (1-based), A on even ones: the zero-initialised B first.
 
     While B = 0 the gradient of A is 0, so training A first would waste the step
-    (P5); both RoLoRA (rounds) and LA-LoRA (global local steps) start with B.
+    (under DP it would be a pure-noise update of A); RoLoRA (rounds) and LA-LoRA
+    (local steps of each round) both start with B.
     """
     return ONLY_B if index % 2 == 1 else ONLY_A
 

@@ -153,6 +153,22 @@ def test_alternating_variants_train_under_dp(variant: str) -> None:
     }
 
 
+def test_la_lora_under_dp_starts_round_2_with_b_after_an_odd_round() -> None:
+    """K = 1: the round's only step trains B in every round (not A in even rounds)."""
+    cfg = _cfg(
+        **{
+            "privacy.epsilon": 3.0,
+            "adapter.variant": "la_lora",
+            "adapter.train_head": False,
+            "federation.local_steps": 1,
+        }
+    )
+    start = adapter_state(model_bundle(cfg).model)
+    out = train_round(cfg, SiteConfig(0, 2), 2, start, ledger=PrivacyLedger("rdp", 1e-5))
+    moved = {factor_of(k) for k in out.state if not torch.equal(out.state[k], start[k])}
+    assert moved == {"lora_B"}
+
+
 def test_dp_needs_a_ledger() -> None:
     cfg = _cfg(**{"privacy.epsilon": 3.0})
     start = adapter_state(model_bundle(cfg).model)

@@ -46,6 +46,7 @@ SCHEDULES = [
     ("rolora", [B, A, B, A], [AB] * 4, None),
     ("la_lora", [AB] * 4, [AB] * 4, [B, A, B, A]),
 ]
+# ("la_lora" steps are the local steps of a round, 1-based: B first in every round)
 
 
 @pytest.mark.parametrize(("name", "trained", "down", "steps"), SCHEDULES)
@@ -146,6 +147,21 @@ def test_la_lora_first_step_moves_only_b() -> None:
     )
     moved2 = {factor_of(k) for k in start if not torch.equal(out2.state[k], start[k])}
     assert moved2 == {"lora_A", "lora_B"}
+
+
+@pytest.mark.parametrize("server_round", [2, 3])
+def test_la_lora_starts_every_round_with_b_under_an_odd_step_count(
+    server_round: int,
+) -> None:
+    """With an odd K (here 1), later rounds must not start with A (paper: B on odd k)."""
+    base = _cfg("la_lora")
+    cfg = dataclasses.replace(
+        base, federation=dataclasses.replace(base.federation, local_steps=1)
+    )
+    start = adapter_state(model_bundle(cfg).model)
+    out = train_round(cfg, SiteConfig(0, 3), server_round, start)
+    moved = {factor_of(k) for k in start if not torch.equal(out.state[k], start[k])}
+    assert moved == {"lora_B"}
 
 
 def test_mismatched_frozen_tensors_refuse_to_train() -> None:
