@@ -204,14 +204,20 @@ def column_scores_for_site(
     """SHE-LoRA calibration: the ``budget`` most sensitive columns per matrix.
 
     Runs the site's model (its own rank) over up to ``samples`` local examples
-    and scores every input column by ``sum |A[:, j]| * ||X_j||`` (algorithms.md §5.3).
+    and scores every input column by ``sum |A[:, j]| * ||X_j||``. Under
+    ``privacy=dp`` no example is read: the scores are ``sum |A[:, j]|`` of the
+    adapter the site holds (``fedlora.she.client.private_sensitivity``), so what
+    the site sends is not a function of its data.
     """
     from fedlora.adapters import matrix_names
-    from fedlora.she.client import input_norms, sensitivity
+    from fedlora.she.client import input_norms, private_sensitivity, sensitivity
     from fedlora.train import to_device
 
     cfg = for_site(cfg, site)
     bundle = model_bundle(cfg)
+    state = adapter_state(bundle.model)
+    if cfg.privacy.mode == "dp":
+        return private_sensitivity(state, budget)
     data = partition_dataset(
         cfg, site.partition_id, site.num_partitions, site.data_path
     )
@@ -221,7 +227,6 @@ def column_scores_for_site(
         to_device(collate([data[i] for i in range(s, min(n, s + size))]), bundle.device)
         for s in range(0, n, size)
     ]
-    state = adapter_state(bundle.model)
     norms = input_norms(bundle.model, batches, matrix_names(state))
     return sensitivity(state, norms, budget)
 

@@ -8,11 +8,14 @@ FlexLoRA. The server holds a *public* context only: it adds ciphertexts and cann
 read them. Each client decrypts the summed columns, adds them to the plaintext
 merge and re-parameterises the result to its own rank by SVD.
 
-Flaws of the official code that are fixed here (algorithms.md §5, P12): the server
-never loads a secret context (refused with an error); one negotiated list per
-matrix (not the first layer's list reused); the merged column is the exact weighted
-mean over *all* clients (the code divides by the number of encrypting clients,
-biased when budgets differ); swapping is an exact permutation (round-trip tested).
+Flaws of the official code that are fixed here: the server never loads a secret
+context (refused with an error); one negotiated list per matrix (not the first
+layer's list reused); the merged column is the exact weighted mean over *all*
+clients (the code divides by the number of encrypting clients, biased when budgets
+differ); swapping is an exact permutation (round-trip tested). The plaintext merge
+is sent at the rank it can have, ``min(sum_i r_i, m, n)``, not cut to the maximum
+client rank: a client adds the decrypted columns to it and only then truncates to
+its own rank, so it ends at the best rank-``r_i`` approximation of the exact mean.
 Deviation: clients encrypt columns of their own product ``s B A`` rather than of
 ``A`` (see ``fedlora.she.client``), so the server only adds. Negotiation is a
 deterministic vote/score ranking instead of the paper's Bayesian optimisation.
@@ -57,6 +60,15 @@ from strategies.hetero_base import (
     head_keys,
     truncate_state,
 )
+
+
+def plain_rank(ranks: list[int], shape: tuple[int, ...]) -> int:
+    """Rank bound of a sum of rank-``r_i`` updates of ``shape`` ``(m, n)``.
+
+    ``rank(sum_i B_i A_i) <= min(sum_i r_i, m, n)``: the width at which the
+    plaintext merge is exact.
+    """
+    return min(sum(ranks), *shape)
 
 
 class SheLora(HeteroRankLora):
@@ -216,7 +228,13 @@ class SheLora(HeteroRankLora):
     def merge(
         self, server_round: int, replies: list[Message], weights: list[float]
     ) -> StateDict:
-        """Plaintext product mean (SVD to max rank) + homomorphic column sums."""
+        """Exact plaintext product mean + homomorphic column sums.
+
+        Keeps ``self.plain`` (every matrix's plaintext mean, see
+        :meth:`merge_plain`), the summed ciphertexts and the total weight for the
+        next messages; returns the global adapter (head: weighted mean; factors:
+        the plaintext mean's best rank-``max_rank`` approximation).
+        """
         del weights  # the clients folded their own weights into the ciphertexts
         start = time.perf_counter()
         metrics = [m.content.metric_records["metrics"] for m in replies]
@@ -234,11 +252,7 @@ class SheLora(HeteroRankLora):
                 (s[n + B_SUFFIX], unswap_columns(s[n + A_SUFFIX], cols[:k]))
                 for s, k in zip(states, ks, strict=True)
             ]
-            delta = mean_update(factors, w, [self.scale(r) for r in ranks])
-            u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
-            bp, ap = svd_factors(u, sv, vh, self.max_rank, 1.0)
-            self.plain[n] = (bp.float(), ap.float())
-            b, a = svd_factors(u, sv, vh, self.max_rank, self.scale(self.max_rank))
+            b, a = self.merge_plain(n, factors, w, ranks)
             new[n + B_SUFFIX], new[n + A_SUFFIX] = b.float(), a.float()
         uploads = [
             ordered_chunks(m.content.config_records.get(CIPHER, ConfigRecord()))
@@ -249,6 +263,32 @@ class SheLora(HeteroRankLora):
         self.total_weight = float(sum(w))
         self._he_stats(self.stats[server_round], metrics, uploads, start)
         return new
+
+    def merge_plain(
+        self,
+        name: str,
+        factors: list[tuple[Tensor, Tensor]],
+        weights: list[float],
+        ranks: list[int],
+    ) -> tuple[Tensor, Tensor]:
+        """Merge one matrix's plaintext parts exactly; return the global pair.
+
+        ``factors``: each client's ``(B_i: (m, r_i), A_i: (r_i, n))`` with its
+        encrypted columns zeroed (unswapped). Their weighted mean
+        ``dW_p = sum_i p_i s_i B_i A_i`` has rank at most
+        ``min(sum_i r_i, m, n)``; ``self.plain[name]`` keeps it at that rank
+        (``B_p: (m, R)``, ``A_p: (R, n)``, scale 1, float32), so
+        ``B_p A_p = dW_p`` up to float32 rounding. A client adds the decrypted
+        columns to it before truncating to its own rank; cutting ``dW_p`` to
+        ``max_rank`` here would lose the components of the sum beyond it.
+        Returns ``dW_p``'s best rank-``max_rank`` factors for the global scale
+        (float64), the server's own adapter.
+        """
+        delta = mean_update(factors, weights, [self.scale(r) for r in ranks])
+        u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+        bp, ap = svd_factors(u, sv, vh, plain_rank(ranks, delta.shape), 1.0)
+        self.plain[name] = (bp.float(), ap.float())
+        return svd_factors(u, sv, vh, self.max_rank, self.scale(self.max_rank))
 
     def _he_stats(
         self,

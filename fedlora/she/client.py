@@ -24,7 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from fedlora.adapters import A_SUFFIX, B_SUFFIX, StateDict, matrix_names
-from fedlora.she.columns import column_scores, swap_columns, top_columns
+from fedlora.she.columns import (
+    adapter_column_scores,
+    column_scores,
+    swap_columns,
+    top_columns,
+)
 from fedlora.she.packing import decrypt_columns, encrypt_columns
 
 
@@ -72,16 +77,52 @@ def input_norms(
     return {n: sums[n].sqrt() for n in names}
 
 
+Choice = tuple[list[int], list[float]]  # best positions first, their scores
+
+
+def _choice(scores: Tensor, budget: int) -> Choice:
+    """Return the ``budget`` best positions of ``scores`` ``(d_in,)``, their scores."""
+    positions = top_columns(scores, budget)
+    return positions, [float(scores[p]) for p in positions]
+
+
 def sensitivity(
     state: Mapping[str, Tensor], norms: Mapping[str, Tensor], budget: int
-) -> dict[str, tuple[list[int], list[float]]]:
-    """Each matrix's ``budget`` most sensitive columns and their scores."""
-    out = {}
-    for name in matrix_names(state):
-        scores = column_scores(state[name + A_SUFFIX], norms[name])
-        positions = top_columns(scores, budget)
-        out[name] = (positions, [float(scores[p]) for p in positions])
-    return out
+) -> dict[str, Choice]:
+    """Each matrix's ``budget`` most sensitive columns and their scores.
+
+    ``state``: the adapter (``A``: ``(r, d_in)`` per matrix); ``norms``:
+    ``{matrix: (d_in,)}`` from :func:`input_norms` on the client's own data.
+    """
+    return {
+        name: _choice(column_scores(state[name + A_SUFFIX], norms[name]), budget)
+        for name in matrix_names(state)
+    }
+
+
+def private_sensitivity(state: Mapping[str, Tensor], budget: int) -> dict[str, Choice]:
+    """Column choice of a DP client: a function of its adapter only.
+
+    Under ``privacy=dp`` everything a client sends must be post-processing of its
+    DP-trained adapter; scores over raw calibration examples (``||X_j||``) would
+    be an unnoised, unaccounted release. This scores column ``j`` by
+    ``sum_rho |A[rho, j]|`` (:func:`adapter_column_scores`), the paper's score with
+    the data term set to one. At negotiation (before round 1) the adapter a client
+    holds is the seeded initial one, so the scores are independent of the data
+    and cost no privacy; on a DP-trained adapter they would be post-processing,
+    also free. The message keeps its form (``budget`` positions and scores per
+    matrix), so the server's negotiation is unchanged. The price: the choice no
+    longer follows the client's input energy, i.e. the encryption protects the
+    columns where the adapter is largest, and the DP guarantee is what bounds
+    what an update reveals about one example.
+
+    ``state``: the adapter (``A``: ``(r, d_in)`` per matrix). Returns
+    ``{matrix: (positions, scores)}``, ``budget`` of each, best first.
+    """
+    return {
+        name: _choice(adapter_column_scores(state[name + A_SUFFIX]), budget)
+        for name in matrix_names(state)
+    }
 
 
 def encrypt_upload(

@@ -3,7 +3,7 @@
 A LoRA update ``dW = s B A`` has ``d_in`` input columns; column ``j`` of ``dW`` is
 ``s B A[:, j]``, the part of the update that multiplies input feature ``j``. SHE-LoRA
 encrypts the columns whose input features carry the most energy on the client's data
-(the DAGER span attack reads the input span through them; algorithms.md §5).
+(the DAGER span attack reads the input span through them).
 """
 
 from __future__ import annotations
@@ -27,7 +27,19 @@ def column_scores(a: Tensor, input_norms: Tensor) -> Tensor:
         raise ValueError(
             f"A has {a.shape[1]} input columns but {input_norms.numel()} input norms"
         )
-    return a.double().abs().sum(dim=0) * input_norms.double().flatten()
+    return adapter_column_scores(a) * input_norms.double().flatten()
+
+
+def adapter_column_scores(a: Tensor) -> Tensor:
+    """Data-free sensitivity ``score_j = sum_rho |A[rho, j]|``.
+
+    :func:`column_scores` with every input norm ``||X_j||_2`` set to one, i.e. the
+    paper's score under an isotropic input prior. ``|A[:, j]|`` bounds the column
+    ``s B A[:, j]`` of the update (``||s B A[:, j]|| <= s ||B||_2 ||A[:, j]||``),
+    so it still ranks the columns through which the adapter moves the most, and it
+    reads nothing but ``A``. ``a``: ``(r, d_in)``. Returns float64 ``(d_in,)``.
+    """
+    return a.double().abs().sum(dim=0)
 
 
 def top_columns(scores: Tensor, k: int) -> list[int]:
@@ -55,7 +67,7 @@ def negotiate(selections: Sequence[Selection], d_in: int) -> list[int]:
     by position. The list grows to ``L`` from those candidates (then from the
     globally most sensitive columns), so a client with budget ``k`` encrypts
     exactly the first ``k`` entries and every client's list is a prefix of the
-    others' (P12). Deterministic; replaces the paper's Gaussian-process search over
+    others'. Deterministic; replaces the paper's Gaussian-process search over
     mixing weights, which needs skopt and changes nothing structural.
     """
     if not selections:

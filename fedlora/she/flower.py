@@ -67,6 +67,26 @@ def _lists(config: Mapping[str, Any], k: int) -> dict[str, list[int]]:
     }
 
 
+def received_updates(content: RecordDict, ctx: Any) -> dict[str, Tensor]:
+    """Rebuild every matrix's merged update, before the client truncates it.
+
+    ``content``: a train/evaluate message after round 1 (the plaintext merge
+    ``B_p: (m, R)``, ``A_p: (R, n)`` in record ``she-plain``, the summed
+    ciphertexts in ``she-cipher``). Returns ``{matrix: (m, n)}`` float64: the
+    plaintext merge plus the decrypted column sums divided by the total weight,
+    i.e. the weighted mean of the clients' ``s_i B_i A_i`` up to CKKS error.
+    """
+    config = content.config_records["config"]
+    sum_k = int(str(config["she-sum-k"]))
+    return merged_updates(
+        factor_pairs(from_record(content.array_records[PLAIN])),
+        ordered_chunks(content.config_records.get(CIPHER)),
+        _lists(config, sum_k),
+        float(str(config["she-total-weight"])),
+        ctx,
+    )
+
+
 def received_state(
     content: RecordDict, cfg: ClientConfig, ctx: Any
 ) -> tuple[StateDict, float]:
@@ -86,15 +106,7 @@ def received_state(
     if PLAIN not in content.array_records:
         return state, 0.0
     start = time.perf_counter()
-    pairs = factor_pairs(from_record(content.array_records[PLAIN]))
-    sum_k = int(str(config["she-sum-k"]))
-    dense = merged_updates(
-        pairs,
-        ordered_chunks(content.config_records.get(CIPHER)),
-        _lists(config, sum_k),
-        float(str(config["she-total-weight"])),
-        ctx,
-    )
+    dense = received_updates(content, ctx)
     scale = lora_scale(cfg.adapter.alpha, cfg.adapter.rank, cfg.adapter.use_rslora)
     for n, delta in dense.items():
         b, a = best_rank_factors(delta, cfg.adapter.rank, scale)

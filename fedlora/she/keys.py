@@ -3,7 +3,7 @@
 Aggregation is add-only (clients encrypt columns of their own product ``B_i A_i``;
 the server only adds ciphertexts), so no Galois or relinearisation keys exist and
 the coefficient modulus is two 60-bit primes: N = 8192 (4096 slots, enough for an
-output dimension of 4096, P13), scale 2^40. A fresh ciphertext is 131 KB and the
+output dimension of 4096), scale 2^40. A fresh ciphertext is 131 KB and the
 relative error of a sum of 8 ciphertexts is ~3e-10 (measured).
 
 Create the pair with ``python -m fedlora.she.keys <dir>`` (writes ``secret.ctx``,
