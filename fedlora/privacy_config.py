@@ -40,6 +40,15 @@ class PrivacyConfig:
         default=1.0, metadata=_help("Per-sample clipping norm C (inf = no clipping).")
     )
     accountant: str = field(default="rdp", metadata=_help("rdp or prv."))
+    secure_rng: bool = field(
+        default=False,
+        metadata=_help(
+            "Draw DP noise and Poisson samples from the OS CSPRNG (os.urandom, "
+            "float64 Box-Muller, sum of 4 draws against floating-point attacks); "
+            "false: torch's Mersenne Twister seeded with 63 OS bits (not "
+            "cryptographically secure; faster)."
+        ),
+    )
     state_dir: str = field(
         default="",
         metadata=_help(

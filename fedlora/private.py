@@ -15,12 +15,10 @@ privacy claimed) they are seeded from the run seed, so such runs are reproducibl
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from fedlora.adapters import adapter_state, select
@@ -32,6 +30,7 @@ from fedlora.dp import (
     calibrate_noise,
     poisson_batch,
 )
+from fedlora.dp.randomness import DPRandom, TorchRandom, dp_random
 from fedlora.runtime import collator, model_bundle, partition_dataset, set_trainable
 from fedlora.site import SiteConfig
 from fedlora.train import (
@@ -155,9 +154,15 @@ def report(
     )
 
 
-def _generator(cfg: ClientConfig, sigma: float, *parts: int | str) -> torch.Generator:
-    seed = derive_seed(cfg.seed, *parts) if sigma == 0 else secrets.randbits(63)
-    return torch.Generator().manual_seed(seed)
+def _random(cfg: ClientConfig, sigma: float, *parts: int | str) -> DPRandom:
+    """Return the round's source of ``parts`` (noise or sampling).
+
+    sigma = 0 claims no privacy and is reproducible from the run seed; otherwise
+    the OS CSPRNG (``privacy.secure_rng``) or torch's MT seeded with 63 OS bits.
+    """
+    if sigma == 0:
+        return TorchRandom(derive_seed(cfg.seed, *parts))
+    return dp_random(secure=cfg.privacy.secure_rng)
 
 
 def dp_train_round(
@@ -205,11 +210,11 @@ def dp_train_round(
         lr=cfg.train.lr,
         weight_decay=cfg.train.weight_decay,
         lr_scale={"lora_B": cfg.adapter.lr_ratio_b} if "lora_B" in factors else None,
-        noise_generator=_generator(
+        rng=_random(
             cfg, settings.noise_multiplier, server_round, site.partition_id, "noise"
         ),
     )
-    sampler = _generator(
+    sampler = _random(
         cfg, settings.noise_multiplier, server_round, site.partition_id, "poisson"
     )
     collate = collator(cfg)
@@ -218,7 +223,9 @@ def dp_train_round(
         for k in range(steps):
             global_step = (server_round - 1) * steps + k
             if rule.factors_for_step is not None:
-                activate_factors(model, trainer.param_names, rule.factors_for_step(k + 1))
+                activate_factors(
+                    model, trainer.param_names, rule.factors_for_step(k + 1)
+                )
             trainer.set_lr(
                 cfg.train.lr
                 * lr_factor(global_step, cfg.federation.rounds * steps, cfg.train)

@@ -9,6 +9,7 @@ and one ledger step. Frozen tensors get neither gradient, noise nor weight decay
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,6 +23,7 @@ from fedlora.dp.compat import (
     check_opacus_compatible,
     grad_sample_module_cls,
 )
+from fedlora.dp.randomness import DPRandom, TorchRandom
 from fedlora.dp.settings import DPSettings
 
 IGNORE_INDEX = -100  # label positions left out of the causal LM loss
@@ -36,16 +38,45 @@ _PARAM_ATTRS = (
 _MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad")
 
 
-def poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> Tensor:
+def poisson_batch(
+    n: int, sample_rate: float, source: torch.Generator | DPRandom
+) -> Tensor:
     """Draw a Poisson batch: each of ``n`` record indices is kept w.p. q.
+
+    ``source`` is a torch generator or a :class:`~fedlora.dp.randomness.DPRandom`
+    (``SecureRandom`` draws the uniforms from the OS CSPRNG).
 
     Returns
     -------
     Tensor
         Sorted int64 indices, shape ``(B,)``, ``B ~ Binomial(n, q)``; may be empty.
     """
-    keep = torch.rand(n, generator=generator) < sample_rate  # (n,)
-    return keep.nonzero().flatten()
+    if isinstance(source, torch.Generator):
+        u = torch.rand(n, generator=source)  # (n,)
+    else:
+        u = source.uniform(n)  # (n,)
+    return (u < sample_rate).nonzero().flatten()
+
+
+def _add_noise(optimizer: Any, rng: DPRandom) -> None:
+    """Opacus' ``add_noise`` with the noise drawn from ``rng`` (then moved to p).
+
+    Same result as ``DPOptimizer.add_noise``: ``p.grad = summed clipped grads +
+    N(0, (sigma C)^2)``; drawn on the CPU, so a CPU generator also serves CUDA.
+    """
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    std = optimizer.noise_multiplier * optimizer.max_grad_norm
+    for p in optimizer.params:
+        _check_processed_flag(p.summed_grad)
+        summed = p.summed_grad
+        noise = (
+            torch.zeros_like(summed)
+            if std == 0
+            else rng.normal(summed.shape, std).to(summed.device, summed.dtype)
+        )
+        p.grad = (summed + noise).view_as(p)
+        _mark_as_processed(p.summed_grad)
 
 
 def per_sample_loss(logits: Tensor, labels: Tensor, *, task: str) -> Tensor:
@@ -140,8 +171,9 @@ class DPTrainer:
         for LA-LoRA's ``lr_B = 2 lr_A``; unmatched tensors use 1. None: all 1.
     grad_sample_mode : str (default: "hooks")
         ``"hooks"`` (exact per-layer rules, fastest here) or ``"functorch"``.
-    noise_generator : torch.Generator or None (default: None)
-        Source of the DP noise; None uses torch's global generator.
+    rng : DPRandom or None (default: None)
+        Source of the DP noise (:mod:`fedlora.dp.randomness`); None: torch's
+        generator seeded from 63 OS bits.
 
     Notes
     -----
@@ -164,7 +196,7 @@ class DPTrainer:
         weight_decay: float,
         lr_scale: Mapping[str, float] | None = None,
         grad_sample_mode: str = "hooks",
-        noise_generator: torch.Generator | None = None,
+        rng: DPRandom | None = None,
     ) -> None:
         from opacus.optimizers import DPOptimizer
 
@@ -199,7 +231,12 @@ class DPTrainer:
             max_grad_norm=settings.max_grad_norm,
             expected_batch_size=settings.expected_batch_size,
             loss_reduction="mean",  # here: divide (clipped sum + noise) by b
-            generator=noise_generator,
+        )
+        noise_source = rng if rng is not None else TorchRandom()
+        # every noise draw goes through rng (the secure source cannot be a
+        # torch.Generator, which is what Opacus would take)
+        self._optimizer.add_noise = functools.partial(
+            _add_noise, self._optimizer, noise_source
         )
         self.set_lr(lr)
         self._attached = True
