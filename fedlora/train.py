@@ -89,9 +89,9 @@ class StepRule(NamedTuple):
 
     ``factors_for_step`` maps the 1-based local step of the round to the LoRA
     factors updated in it (alternating schemes: every round starts the same way,
-    whatever the number of local steps); ``grad_transform(name, grad)`` post-processes each
-    gradient before the update (LA-LoRA's low-pass filter); ``lr_ratio_b`` scales
-    the learning rate of B relative to A and the head.
+    whatever the number of local steps); ``grad_transform(name, grad)``
+    post-processes each gradient before the update (LA-LoRA's low-pass filter);
+    ``lr_ratio_b`` scales the learning rate of B relative to A and the head.
     """
 
     factors_for_step: Callable[[int], frozenset[str]] | None = None

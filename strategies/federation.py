@@ -29,7 +29,11 @@ from strategies.rundir import RunDir
 
 
 class CentralEvaluator:
-    """Evaluates global adapters on the held-out split and saves them as PEFT dirs."""
+    """Evaluates global adapters on the held-out split and saves them as PEFT dirs.
+
+    With an empty held-out split (``data.test_fraction=0``) there is no central
+    evaluation: ``has_data`` is False and the ``eval_*`` fields stay empty.
+    """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
@@ -37,6 +41,19 @@ class CentralEvaluator:
         self.data = heldout_dataset(cfg)
         self.collate = collator(cfg)
         self.fingerprint = base_fingerprint(self.bundle.model)
+
+    @property
+    def has_data(self) -> bool:
+        """Whether there is a held-out split to evaluate on."""
+        return len(self.data) > 0
+
+    def fields(
+        self, state: StateDict, residual: Residual | None = None
+    ) -> dict[str, Any]:
+        """``eval_*`` fields of a metrics row (None without held-out data)."""
+        if not self.has_data:
+            return _eval_fields(None)
+        return _eval_fields(self(state, residual))
 
     def config(self) -> ConfigRecord:
         """Per-round message config: the base model's fingerprint for the sites."""
@@ -85,7 +102,9 @@ class FederationResult:
     rows: list[dict[str, Any]]
 
 
-def _eval_fields(result: EvalResult) -> dict[str, Any]:
+def _eval_fields(result: EvalResult | None) -> dict[str, Any]:
+    if result is None:
+        return dict.fromkeys(("eval_loss", "eval_accuracy", "eval_perplexity"))
     return {
         "eval_loss": result.loss,
         "eval_accuracy": result.accuracy,
@@ -117,7 +136,7 @@ def run_federation(
         first = {
             "round": 0,
             "train_loss": None,
-            **_eval_fields(evaluator(state)),
+            **evaluator.fields(state),
             "epsilon": None,
             "clients": 0,
             "bytes_up": 0,
@@ -143,10 +162,10 @@ def run_federation(
         state = from_record(arrays)
         eval_start = time.perf_counter()
         if strategy.server_can_evaluate:
-            central = _eval_fields(evaluator(state, strategy.residual))
+            central = evaluator.fields(state, strategy.residual)
             evaluator.save(state, run_dir.checkpoint_dir(rnd), strategy.residual)
         else:  # only key holders can rebuild the model: federated evaluation only
-            central = dict.fromkeys(_eval_fields(EvalResult(0.0, None, None, 0)))
+            central = _eval_fields(None)
             run_dir.checkpoint_dir(rnd).mkdir(parents=True, exist_ok=True)
         eval_seconds = time.perf_counter() - eval_start
         save_checkpoint(run_dir, rnd, state, strategy)

@@ -17,9 +17,10 @@ from typing import Any
 
 from torch import Tensor
 
+from fedlora.adapters import StateDict
 from strategies.config import ExperimentConfig
 from strategies.hetero import hetlora_merge
-from strategies.hetero_base import HeteroRankLora, StateDict, truncate_state
+from strategies.hetero_base import HeteroRankLora, truncate_state
 
 
 class HetLora(HeteroRankLora):

@@ -110,7 +110,9 @@ class TokenizedDataset(Dataset[dict[str, Tensor]]):
                 f"data.task={cfg.task!r} needs rows with columns {expected}; the "
                 f"dataset has {ds.column_names}"
             )
-        if cfg.task == "classification":
+        if ds.num_rows == 0:  # e.g. the held-out split with data.test_fraction=0
+            self._items: list[dict[str, Tensor]] = []
+        elif cfg.task == "classification":
             self._items = _encode_classification(ds, tokenizer, cfg.max_length)
         else:
             self._items = _encode_causal(ds, tokenizer, cfg.max_length)

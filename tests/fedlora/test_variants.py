@@ -153,7 +153,7 @@ def test_la_lora_first_step_moves_only_b() -> None:
 def test_la_lora_starts_every_round_with_b_under_an_odd_step_count(
     server_round: int,
 ) -> None:
-    """With an odd K (here 1), later rounds must not start with A (paper: B on odd k)."""
+    """With an odd K (here 1) later rounds must not start with A (paper: B on odd k)."""
     base = _cfg("la_lora")
     cfg = dataclasses.replace(
         base, federation=dataclasses.replace(base.federation, local_steps=1)

@@ -208,3 +208,27 @@ def test_ffa_under_dp_reports_epsilon_and_halves_the_bytes(tmp_path: Path) -> No
     ledgers = sorted((run_dir / "client-state").rglob("dp-ledger.json"))
     assert len(ledgers) == 2
     assert not _leftovers(run_dir)
+
+
+def test_a_run_without_held_out_data_trains_and_saves_the_adapter(
+    tmp_path: Path,
+) -> None:
+    """``data.test_fraction=0``: no central evaluation, the run still completes."""
+    run_dir = tmp_path / "run"
+    _launch(
+        run_dir,
+        "model=tiny_llama",
+        "data=synthetic_instruct",
+        "model.tiny_hidden_size=64",
+        "data.num_examples=200",
+        "data.test_fraction=0",
+        "federation=smoke",
+    )
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["eval_loss"] is None and r["eval_perplexity"] is None for r in rows)
+    assert all(r["train_loss"] is not None for r in rows[1:])
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final"]["eval_loss"] is None
+    assert not _leftovers(run_dir)
