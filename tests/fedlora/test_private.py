@@ -164,7 +164,9 @@ def test_la_lora_under_dp_starts_round_2_with_b_after_an_odd_round() -> None:
         }
     )
     start = adapter_state(model_bundle(cfg).model)
-    out = train_round(cfg, SiteConfig(0, 2), 2, start, ledger=PrivacyLedger("rdp", 1e-5))
+    out = train_round(
+        cfg, SiteConfig(0, 2), 2, start, ledger=PrivacyLedger("rdp", 1e-5)
+    )
     moved = {factor_of(k) for k in out.state if not torch.equal(out.state[k], start[k])}
     assert moved == {"lora_B"}
 

@@ -69,7 +69,8 @@ def test_hetlora_norm_weighting_uses_the_update_norms() -> None:
         clients, [1.0, 1.0, 1.0], scales, r_max=8, s_max=2.0, norm_weighting=True
     )
     padded = [
-        pad_rank(cb * s / 2.0, ca, 8) for s, (cb, ca) in zip(scales, clients, strict=True)
+        pad_rank(cb * s / 2.0, ca, 8)
+        for s, (cb, ca) in zip(scales, clients, strict=True)
     ]
     ref_b = sum(n * pb for n, (pb, _) in zip(norms, padded, strict=True)) / sum(norms)
     assert torch.allclose(b, ref_b, atol=1e-12)

@@ -11,8 +11,14 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
-from flwr.app import RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from fedlora.adapters import from_record
 from strategies.hetero_base import NodeInfo
@@ -89,7 +95,9 @@ def test_a_single_low_rank_client_merged_alone_is_its_own_update() -> None:
     torch.testing.assert_close(_update(back, 4), _update(mine, 4), rtol=1e-6, atol=1e-6)
 
 
-def test_default_norm_weighted_merge_of_mixed_ranks_matches_a_hand_computation() -> None:
+def test_default_norm_weighted_merge_of_mixed_ranks_matches_a_hand_computation() -> (
+    None
+):
     ranks, sizes = {1: 2, 2: 4, 3: 16}, {1: 30, 2: 50, 3: 20}
     strategy = _strategy(ranks)
     assert strategy.norm_weighting  # the shipped default
@@ -99,7 +107,9 @@ def test_default_norm_weighted_merge_of_mixed_ranks_matches_a_hand_computation()
     assert arrays is not None
     got = from_record(arrays)
     s_max = ALPHA / MAX_RANK
-    weights = {n: sizes[n] * float(_update(states[n], r).norm()) for n, r in ranks.items()}
+    weights = {
+        n: sizes[n] * float(_update(states[n], r).norm()) for n, r in ranks.items()
+    }
     total = sum(weights.values())
     want_b = torch.zeros(M, MAX_RANK, dtype=torch.float64)
     want_a = torch.zeros(MAX_RANK, N, dtype=torch.float64)
