@@ -112,6 +112,13 @@ class DataConfig:
     test_fraction: float = field(
         default=0.2, metadata=_help("Held-out share for centralised evaluation.")
     )
+    test_path: str = field(
+        default="",
+        metadata=_help(
+            "Held-out file (same format and columns as data.path) instead of a "
+            "test_fraction split; every row of the source then trains."
+        ),
+    )
     max_test_examples: int = field(
         default=1000, metadata=_help("Cap on held-out examples (evaluation cost).")
     )
@@ -176,6 +183,13 @@ class AdapterConfig:
         default=1.0,
         metadata=_help("Learning rate of B relative to A (LA-LoRA's code uses 2)."),
     )
+    lr_ratio_head: float = field(
+        default=30.0,
+        metadata=_help(
+            "Learning rate of the task head relative to A: a randomly initialised "
+            "head must grow ~20x in norm, which lr alone does not reach in a short run."
+        ),
+    )
     lowpass: bool = field(
         default=True,
         metadata=_help("la_lora: low-pass filter [1,4,6,4,1]/16 on the gradients."),
@@ -189,6 +203,7 @@ class AdapterConfig:
         check_range("adapter.alpha", self.alpha, low=0, low_open=True)
         check_range("adapter.dropout", self.dropout, low=0, high=1, high_open=True)
         check_range("adapter.lr_ratio_b", self.lr_ratio_b, low=0, low_open=True)
+        check_range("adapter.lr_ratio_head", self.lr_ratio_head, low=0, low_open=True)
         if "all-linear" in self.target_modules and len(self.target_modules) > 1:
             raise ConfigError(
                 f"adapter.target_modules={list(self.target_modules)}: 'all-linear' "
@@ -248,7 +263,7 @@ class FederationConfig:
         default=2, metadata=_help("Minimum replies for a round to count.")
     )
     local_steps: int = field(
-        default=10, metadata=_help("Optimizer steps per client per round.")
+        default=20, metadata=_help("Optimizer steps per client per round.")
     )
     round_timeout: float = field(
         default=3600.0, metadata=_help("Seconds to wait for replies in a round.")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedlora.adapters import adapter_state, select
 from fedlora.config import ClientConfig
@@ -154,6 +154,23 @@ def report(
     )
 
 
+def _lr_scale(
+    model: nn.Module, cfg: ClientConfig, factors: frozenset[str]
+) -> dict[str, float]:
+    """Learning-rate factors by name part: B's ``lr_ratio_b``, the head's ratio.
+
+    Keys only for tensors trainable this round (the DP trainer refuses keys that
+    match nothing).
+    """
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    scale = {}
+    if "lora_B" in factors:
+        scale["lora_B"] = cfg.adapter.lr_ratio_b
+    if any("modules_to_save" in n for n in trainable):
+        scale["modules_to_save"] = cfg.adapter.lr_ratio_head
+    return scale
+
+
 def _random(cfg: ClientConfig, sigma: float, *parts: int | str) -> DPRandom:
     """Return the round's source of ``parts`` (noise or sampling).
 
@@ -209,7 +226,7 @@ def dp_train_round(
         ledger=ledger,
         lr=cfg.train.lr,
         weight_decay=cfg.train.weight_decay,
-        lr_scale={"lora_B": cfg.adapter.lr_ratio_b} if "lora_B" in factors else None,
+        lr_scale=_lr_scale(model, cfg, factors),
         rng=_random(
             cfg, settings.noise_multiplier, server_round, site.partition_id, "noise"
         ),

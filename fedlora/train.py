@@ -91,12 +91,14 @@ class StepRule(NamedTuple):
     factors updated in it (alternating schemes: every round starts the same way,
     whatever the number of local steps); ``grad_transform(name, grad)``
     post-processes each gradient before the update (LA-LoRA's low-pass filter);
-    ``lr_ratio_b`` scales the learning rate of B relative to A and the head.
+    ``lr_ratio_b`` and ``lr_ratio_head`` scale the learning rates of B and of the
+    task head relative to A.
     """
 
     factors_for_step: Callable[[int], frozenset[str]] | None = None
     grad_transform: Callable[[str, Tensor], Tensor] | None = None
     lr_ratio_b: float = 1.0
+    lr_ratio_head: float = 1.0
 
 
 def step_rule(cfg: ClientConfig) -> StepRule:
@@ -110,13 +112,24 @@ def step_rule(cfg: ClientConfig) -> StepRule:
             factor = factor_of(name)
             return grad if factor is None else lowpass_filter(grad, factor)
 
-    return StepRule(variant.factors_for_step, transform, cfg.adapter.lr_ratio_b)
+    return StepRule(
+        variant.factors_for_step,
+        transform,
+        cfg.adapter.lr_ratio_b,
+        cfg.adapter.lr_ratio_head,
+    )
 
 
 def trainable_groups(
-    model: nn.Module, cfg: TrainConfig, lr_ratio_b: float
+    model: nn.Module,
+    cfg: TrainConfig,
+    lr_ratio_b: float,
+    lr_ratio_head: float = 1.0,
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups of the currently trainable parameters.
+
+    B gets ``lr_ratio_b`` times ``cfg.lr``, every non-LoRA tensor (the task head)
+    ``lr_ratio_head`` times, A ``cfg.lr``.
 
     Each group carries ``names`` and ``base_lr`` (the schedule multiplies it).
     """
@@ -124,7 +137,9 @@ def trainable_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lr = cfg.lr * (lr_ratio_b if factor_of(name) == "lora_B" else 1.0)
+        factor = factor_of(name)
+        ratio = {"lora_B": lr_ratio_b, "lora_A": 1.0}.get(factor or "", lr_ratio_head)
+        lr = cfg.lr * ratio
         group = groups.setdefault(lr, {"params": [], "names": [], "base_lr": lr})
         group["params"].append(param)
         group["names"].append(name)
@@ -169,7 +184,7 @@ def train_local(
     rule : StepRule
         Alternation, gradient post-processing and the B/A learning-rate ratio.
     """
-    groups = trainable_groups(model, cfg, rule.lr_ratio_b)
+    groups = trainable_groups(model, cfg, rule.lr_ratio_b, rule.lr_ratio_head)
     names = [n for g in groups for n in g["names"]]
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(

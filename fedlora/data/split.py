@@ -3,7 +3,10 @@
 The full example set of ``cfg.source`` is permuted with ``seed``; the first
 ``min(round(n * test_fraction), max_test_examples)`` rows of the permutation are the
 held-out set for centralised evaluation and the rest, in permuted order, is split
-across clients with a flwr-datasets partitioner:
+across clients with a flwr-datasets partitioner. With ``data.test_path`` the
+held-out set is that file instead (e.g. a benchmark's official dev split; at most
+``max_test_examples`` rows, a seeded sample of a longer file) and every row of the
+source trains:
 
 - ``iid``: :class:`~flwr_datasets.partitioner.IidPartitioner` (contiguous shards of
   the shuffled rows, sizes differ by at most one);
@@ -74,7 +77,9 @@ def _check_schema(ds: datasets.Dataset, task: str, origin: str) -> None:
 def split_indices(cfg: DataConfig, seed: int) -> Split:
     """Seeded held-out / rest split of the full set (see the module docstring)."""
     n = examples(cfg, seed).num_rows
-    n_test = min(round(n * cfg.test_fraction), cfg.max_test_examples)
+    n_test = (
+        0 if cfg.test_path else min(round(n * cfg.test_fraction), cfg.max_test_examples)
+    )
     if n - n_test < 1:
         raise ValueError(f"{n} examples leave nothing to train on after the split")
     # [seed, 1]: a stream apart from default_rng(seed), which the Dirichlet draws use.
@@ -146,7 +151,17 @@ def load_heldout(cfg: DataConfig, *, seed: int) -> datasets.Dataset:
     datasets.Dataset
         ``min(round(n * test_fraction), max_test_examples)`` rows in the task schema,
         disjoint from every partition; may be empty when ``test_fraction`` is 0.
+        With ``test_path``: that file's rows (a seeded sample of
+        ``max_test_examples`` when longer, in file order).
     """
+    if cfg.test_path:
+        ds = _override_examples(cfg.test_path, cfg)
+        _check_schema(ds, cfg.task, f"data.test_path {cfg.test_path}")
+        if ds.num_rows > cfg.max_test_examples:
+            rng = np.random.default_rng([seed, 2])
+            keep = rng.choice(ds.num_rows, cfg.max_test_examples, replace=False)
+            ds = ds.select(sorted(int(i) for i in keep))
+        return ds
     return examples(cfg, seed).select(split_indices(cfg, seed).heldout)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import re
 import subprocess
@@ -372,6 +373,28 @@ def test_path_override_uses_the_whole_file(tmp_path: Path) -> None:
             cfg, seed=0, partition_id=pid, num_partitions=8, path_override=str(path)
         )
         assert _texts(ds) == list(frame.text)
+
+
+def test_test_path_is_the_heldout_set_and_every_source_row_trains(
+    tmp_path: Path,
+) -> None:
+    train = pd.DataFrame(
+        {"sentence": [f"train {i}" for i in range(40)], "label": [0, 1] * 20}
+    )
+    dev = pd.DataFrame({"sentence": [f"dev {i}" for i in range(30)], "label": [1] * 30})
+    cfg = _local(
+        _write(train, tmp_path / "train.tsv"),
+        text_column="sentence",
+        num_classes=2,
+        test_path=str(_write(dev, tmp_path / "dev.tsv")),
+    )
+    assert _texts(fd.load_heldout(cfg, seed=0)) == list(dev.sentence)
+    trained = sorted(t for ds in _partitions(cfg, 3) for t in _texts(ds))
+    assert trained == sorted(train.sentence)
+    capped = dataclasses.replace(cfg, max_test_examples=7)
+    sample = _texts(fd.load_heldout(capped, seed=0))
+    assert len(sample) == 7 and set(sample) <= set(dev.sentence)
+    assert sample == _texts(fd.load_heldout(capped, seed=0))  # seeded
 
 
 def test_hf_source_matches_local_source(

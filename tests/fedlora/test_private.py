@@ -50,9 +50,16 @@ def test_zero_noise_infinite_clip_equals_the_non_private_steps() -> None:
     load_adapter_state(model, start)
     data = partition_dataset(cfg, 0, 2)
     settings = dp_settings(cfg, len(data))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in trainable if "modules_to_save" in n]
+    lora = [p for n, p in trainable if "modules_to_save" not in n]
+    assert head and lora
+    opt = torch.optim.AdamW(  # the head at its configured learning-rate ratio
+        [
+            {"params": lora, "lr": cfg.train.lr},
+            {"params": head, "lr": cfg.train.lr * cfg.adapter.lr_ratio_head},
+        ],
+        weight_decay=cfg.train.weight_decay,
     )
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 1, 0, "poisson"))
     collate = collator(cfg)
@@ -70,9 +77,11 @@ def test_zero_noise_infinite_clip_equals_the_non_private_steps() -> None:
     bad = [
         k
         for k in out.state
-        if not torch.allclose(out.state[k], reference[k], rtol=1e-5, atol=1e-7)
+        # float32: Adam normalises tiny A gradients, so summation order shows at 1e-7
+        if not torch.allclose(out.state[k], reference[k], rtol=1e-5, atol=1e-6)
     ]
-    assert not bad, f"{len(bad)} tensors differ: {bad[:3]}"
+    errs = [float((out.state[k] - reference[k]).abs().max()) for k in bad]
+    assert not bad, f"{len(bad)} tensors differ: {bad[:3]} {errs[:3]}"
 
 
 def test_reported_epsilon_matches_an_independent_recomputation() -> None:
