@@ -70,6 +70,13 @@ class ModelConfig:
         default=128, metadata=_help("tiny_llama preset: hidden size.")
     )
     tiny_layers: int = field(default=2, metadata=_help("tiny_llama preset: layers."))
+    num_layers: int = field(
+        default=0,
+        metadata=_help(
+            "Keep only the first N transformer layers of the checkpoint (0 = all): "
+            "a cheaper pretrained base for experiments on small machines."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -79,6 +86,7 @@ class ModelConfig:
         check_choice("model.device", self.device, DEVICES)
         check_range("model.tiny_hidden_size", self.tiny_hidden_size, low=8)
         check_range("model.tiny_layers", self.tiny_layers, low=1)
+        check_range("model.num_layers", self.num_layers, low=0)
 
 
 @dataclass(frozen=True)

@@ -231,6 +231,8 @@ def load_base_model(
     if cfg.quantization == "none":
         kwargs["dtype"] = torch.float32
     kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
+    if cfg.num_layers:  # the first N layers keep their pretrained weights
+        kwargs["num_hidden_layers"] = cfg.num_layers
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if task == "classification":

@@ -148,3 +148,16 @@ def test_other_quantisations_train(quantization: str) -> None:
 def test_same_seed_builds_the_same_initial_adapter() -> None:
     a, b = adapter_state(_tiny(seed=5)), adapter_state(_tiny(seed=5))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_num_layers_keeps_the_first_pretrained_layers() -> None:
+    """``model.num_layers=1``: one layer, with the checkpoint's layer-0 weights."""
+    full_cfg = ModelConfig(**{**TINY.__dict__, "quantization": "none"})
+    cut_cfg = ModelConfig(**{**full_cfg.__dict__, "num_layers": 1})
+    full = load_base_model(full_cfg, task="causal_lm", num_labels=0, seed=0)
+    cut = load_base_model(cut_cfg, task="causal_lm", num_labels=0, seed=0)
+    assert len(full.model.layers) == 2 and len(cut.model.layers) == 1
+    want = full.model.layers[0].state_dict()
+    got = cut.model.layers[0].state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
