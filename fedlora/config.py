@@ -259,7 +259,7 @@ class FederationConfig:
     """Clients, rounds and participation (Hydra group ``federation``)."""
 
     clients: int = field(default=8, metadata=_help("Number of clients (partitions)."))
-    rounds: int = field(default=5, metadata=_help("Server rounds."))
+    rounds: int = field(default=7, metadata=_help("Server rounds."))
     fraction_train: float = field(
         default=1.0, metadata=_help("Share of available clients sampled per round.")
     )

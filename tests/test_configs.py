@@ -113,30 +113,34 @@ def test_pyproject_run_config_equals_schema_and_defaults() -> None:
     assert flatten_config(hydra_default) == schema
 
 
-def test_dp_variants_sweep_is_the_issue_grid() -> None:
-    """conf/dp_variants.yaml: 4 adapters x {none, eps 3, eps 1} x 3 seeds, all valid."""
+def test_dp_study_sweep_is_the_grid_and_every_job_validates() -> None:
+    """conf/dp_study.yaml: 4 adapters x 2 weightings x 3 seeds at epsilon 1, and the
+    non-DP baseline override; every job composes with the sized settings."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="dp_variants", return_hydra_config=True)
+        cfg = compose(config_name="dp_study", return_hydra_config=True)
     params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
     assert params == {
         "adapter": ["lora", "ffa", "la_lora", "rolora"],
-        "privacy": ["none", "dp_eps3", "dp_eps1"],
+        "strategy.weighting": ["uniform", "num_examples"],
         "seed": ["0", "1", "2"],
     }
-    for adapter in params["adapter"]:
-        for privacy in params["privacy"]:
-            with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-                job = compose(
-                    config_name="dp_variants",
-                    overrides=[f"adapter={adapter}", f"privacy={privacy}"],
-                )
-            container = OmegaConf.to_container(job, resolve=True)
-            assert isinstance(container, dict)
-            exp, _ = from_hydra(container)
-            want = {"none": 0.0, "dp_eps3": 3.0, "dp_eps1": 1.0}[privacy]
-            assert exp.privacy.epsilon == want
-            assert exp.privacy.mode == ("none" if privacy == "none" else "dp")
-            assert exp.data.num_examples == 32000
+    jobs = [
+        [f"adapter={a}", f"strategy.weighting={w}"]
+        for a in params["adapter"]
+        for w in params["strategy.weighting"]
+    ]
+    jobs.append(["adapter=lora", "privacy=none"])
+    for overrides in jobs:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            job = compose(config_name="dp_study", overrides=overrides)
+        container = OmegaConf.to_container(job, resolve=True)
+        assert isinstance(container, dict)
+        exp, _ = from_hydra(container)
+        private = "privacy=none" not in overrides
+        assert exp.privacy.mode == ("dp" if private else "none")
+        assert exp.privacy.epsilon == (1.0 if private else 0.0)
+        assert (exp.train.batch_size, exp.model.num_layers) == (256, 2)
+        assert (exp.federation.clients, exp.data.num_examples) == (2, 24000)
 
 
 @pytest.mark.parametrize(
