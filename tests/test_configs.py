@@ -139,7 +139,7 @@ def test_dp_study_sweep_is_the_grid_and_every_job_validates() -> None:
         private = "privacy=none" not in overrides
         assert exp.privacy.mode == ("dp" if private else "none")
         assert exp.privacy.epsilon == (1.0 if private else 0.0)
-        assert (exp.train.batch_size, exp.model.num_layers) == (256, 2)
+        assert (exp.train.batch_size, exp.adapter.rank) == (256, 4)
         assert (exp.federation.clients, exp.data.num_examples) == (2, 24000)
 
 
