@@ -7,10 +7,12 @@ trained in that step and Gaussian noise (``fedlora.dp.DPTrainer``). The ledger
 ClientApp stores it in Flower's ``context.state`` and in a state file, so a
 restarted client continues from what it already spent.
 
-Randomness: with ``sigma > 0`` the Poisson sampling and the noise come from a
-generator seeded by the OS (``secrets``), never from the run's public seed -- a
-server that could replay the noise could subtract it. With ``sigma = 0`` (no
-privacy claimed) they are seeded from the run seed, so such runs are reproducible.
+Randomness: with ``sigma > 0`` the Poisson sampling and the noise never come from
+the run's public seed (a server that could replay the noise could subtract it):
+by default from torch's Mersenne Twister seeded with 63 bits from ``secrets`` each
+round (not cryptographically secure), with ``privacy.secure_rng`` from the OS
+CSPRNG (``fedlora.dp.randomness``). With ``sigma = 0`` (no privacy claimed) they
+are seeded from the run seed, so such runs are reproducible.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ checkpoint without ``state.json`` was interrupted and is ignored. Resuming loads
 newest complete checkpoint, drops the metrics rows of later (lost) rounds and goes
 on with the next round. Client training is a function of (seed, round, partition,
 global adapter), so a resumed run ends with the same adapter as an uninterrupted
-one; DP noise is drawn from OS randomness and is the exception. A restarted DP
+one; DP noise is drawn from OS-seeded randomness and is the exception. A restarted DP
 client continues its accountant from its state directory.
 """
 
