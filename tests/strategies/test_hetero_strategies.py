@@ -16,15 +16,15 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
+from hetero_messages import HEAD, lora_state, she_reply, train_metrics, train_reply
 
 from fedlora.adapters import from_record
 from fedlora.config import AdapterConfig, ClientConfig
 from fedlora.lowrank import best_rank_factors
-from fedlora.she.flower import received_state, sealed_reply
+from fedlora.she.flower import received_state
 from fedlora.she.keys import HEContextError, create_contexts, load_secret_context
 from strategies.aggregation import weighted_mean
 from strategies.flexlora import FlexLora
@@ -37,40 +37,15 @@ from strategies.she_lora import SheLora
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 M, N, MAX_RANK, ALPHA = 8, 10, 8, 16.0
-A, B, HEAD = "x.lora_A.weight", "x.lora_B.weight", "h.classifier.weight"
+A, B = "x.lora_A.weight", "x.lora_B.weight"
 
 
 def _global() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(7)
-    return {
-        A: torch.randn(MAX_RANK, N, generator=g),
-        B: torch.zeros(M, MAX_RANK),
-        HEAD: torch.randn(3, M, generator=g),
-    }
+    return lora_state(MAX_RANK, shape=(M, N), seed=7, zero_b=True)
 
 
 def _trained(rank: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        A: torch.randn(rank, N, generator=g),
-        B: torch.randn(M, rank, generator=g),
-        HEAD: torch.randn(3, M, generator=g),
-    }
-
-
-def _reply(node: int, content: RecordDict) -> Message:
-    sent = Message(
-        RecordDict({"config": ConfigRecord()}),
-        dst_node_id=node,
-        message_type=MessageType.TRAIN,
-    )
-    return Message(content, reply_to=sent)
-
-
-def _metrics(n: int, **extra: float) -> MetricRecord:
-    return MetricRecord(
-        {"num-examples": n, "train-loss": 1.0, "train-seconds": 0.1, **extra}
-    )
+    return lora_state(rank, shape=(M, N), seed=seed)
 
 
 def _kwargs() -> dict[str, Any]:
@@ -93,7 +68,10 @@ def test_hetlora_with_equal_ranks_equals_fedavg() -> None:
     strategy.nodes = {n: NodeInfo(MAX_RANK, 0, n) for n in RANKS}
     states = {n: _trained(MAX_RANK, n) for n in RANKS}
     replies = [
-        _reply(n, RecordDict({"arrays": ArrayRecord(s), "metrics": _metrics(SIZES[n])}))
+        train_reply(
+            n,
+            RecordDict({"arrays": ArrayRecord(s), "metrics": train_metrics(SIZES[n])}),
+        )
         for n, s in states.items()
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -110,7 +88,10 @@ def test_flexlora_gives_each_node_the_best_rank_r_of_the_weighted_mean() -> None
     strategy.nodes = {n: NodeInfo(r, 0, n) for n, r in RANKS.items()}
     states = {n: _trained(RANKS[n], n) for n in RANKS}
     replies = [
-        _reply(n, RecordDict({"arrays": ArrayRecord(s), "metrics": _metrics(SIZES[n])}))
+        train_reply(
+            n,
+            RecordDict({"arrays": ArrayRecord(s), "metrics": train_metrics(SIZES[n])}),
+        )
         for n, s in states.items()
     ]
     # round 1: a node gets the shared initialisation cut to its rank
@@ -135,10 +116,10 @@ def test_a_reply_at_the_wrong_rank_is_dropped(caplog: pytest.LogCaptureFixture) 
     strategy.global_state = _global()
     strategy.nodes = {n: NodeInfo(r, 0, n) for n, r in RANKS.items()}
     replies = [
-        _reply(
+        train_reply(
             n,
             RecordDict(
-                {"arrays": ArrayRecord(_trained(r, n)), "metrics": _metrics(10)}
+                {"arrays": ArrayRecord(_trained(r, n)), "metrics": train_metrics(10)}
             ),
         )
         for n, r in {1: 2, 2: 4, 3: 4}.items()  # node 3 should send rank 8
@@ -166,17 +147,9 @@ def _she(public: Path) -> SheLora:
 def _she_reply(
     strategy: SheLora, node: int, ctx: Any, trained: dict[str, torch.Tensor]
 ) -> tuple[Message, RecordDict]:
-    content = strategy.node_content(1, node, ConfigRecord({"server-round": 1}))
-    cfg = ClientConfig(adapter=AdapterConfig(rank=RANKS[node], alpha=ALPHA))
-    plain, records, extra = sealed_reply(
-        trained, content.config_records["config"], cfg, ctx, SIZES[node]
+    return she_reply(
+        strategy, node, ctx, trained, rank=RANKS[node], alpha=ALPHA, size=SIZES[node]
     )
-    reply = RecordDict(
-        {"arrays": ArrayRecord(plain), "metrics": _metrics(SIZES[node], **extra)}
-    )
-    for key, rec in records.items():
-        reply[key] = rec
-    return _reply(node, reply), content
 
 
 def test_she_lora_merge_equals_the_plaintext_product_merge(
@@ -274,8 +247,11 @@ def test_flora_residual_is_the_exact_sum_of_the_rounds_weighted_means() -> None:
     for rnd in (1, 2):  # 2 + 4 + 8 = 14 stacked columns > min(M, N) = 8
         states = {n: _trained(RANKS[n], 100 * rnd + n) for n in RANKS}
         replies = [
-            _reply(
-                n, RecordDict({"arrays": ArrayRecord(s), "metrics": _metrics(SIZES[n])})
+            train_reply(
+                n,
+                RecordDict(
+                    {"arrays": ArrayRecord(s), "metrics": train_metrics(SIZES[n])}
+                ),
             )
             for n, s in states.items()
         ]

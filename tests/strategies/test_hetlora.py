@@ -13,12 +13,10 @@ import pytest
 import torch
 from flwr.app import (
     ArrayRecord,
-    ConfigRecord,
     Message,
-    MessageType,
-    MetricRecord,
     RecordDict,
 )
+from hetero_messages import lora_state, train_metrics, train_reply
 
 from fedlora.adapters import from_record
 from strategies.hetero_base import NodeInfo
@@ -27,36 +25,20 @@ from strategies.hetlora import HetLora
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 M, N, MAX_RANK, ALPHA = 12, 10, 16, 16.0
-A, B, HEAD = "x.lora_A.weight", "x.lora_B.weight", "h.classifier.weight"
+A, B = "x.lora_A.weight", "x.lora_B.weight"
 
 
 def _global() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    return {
-        A: torch.randn(MAX_RANK, N, generator=g),
-        B: torch.zeros(M, MAX_RANK),
-        HEAD: torch.randn(2, M, generator=g),
-    }
+    return lora_state(MAX_RANK, shape=(M, N), seed=3, head_rows=2, zero_b=True)
 
 
 def _trained(rank: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        A: torch.randn(rank, N, generator=g),
-        B: torch.randn(M, rank, generator=g),
-        HEAD: torch.randn(2, M, generator=g),
-    }
+    return lora_state(rank, shape=(M, N), seed=seed, head_rows=2)
 
 
 def _reply(node: int, state: dict[str, torch.Tensor], n: int) -> Message:
-    sent = Message(
-        RecordDict({"config": ConfigRecord()}),
-        dst_node_id=node,
-        message_type=MessageType.TRAIN,
-    )
-    metrics = MetricRecord({"num-examples": n, "train-loss": 1.0, "train-seconds": 0.1})
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
-    return Message(content, reply_to=sent)
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": train_metrics(n)})
+    return train_reply(node, content)
 
 
 def _strategy(ranks: dict[int, int], **kwargs: Any) -> HetLora:

@@ -15,20 +15,14 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ConfigRecord, Message
+from hetero_messages import lora_state, she_reply
 from torch import Tensor
 
 from fedlora.adapters import A_SUFFIX, B_SUFFIX, from_record
 from fedlora.config import AdapterConfig, ClientConfig
 from fedlora.lowrank import best_rank_factors
-from fedlora.she.flower import PLAIN, received_state, received_updates, sealed_reply
+from fedlora.she.flower import PLAIN, received_state, received_updates
 from fedlora.she.keys import create_contexts, load_secret_context
 from strategies.hetero import mean_update
 from strategies.hetero_base import NodeInfo
@@ -38,28 +32,17 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 M, N, MAX_RANK, ALPHA = 20, 24, 8, 16.0
 MATRICES = ("x", "y")
-HEAD = "h.classifier.weight"
 RANKS = {1: 2, 2: 4, 3: 8}  # sum 14 > MAX_RANK, < min(M, N)
 SIZES = {1: 30, 2: 50, 3: 20}
 COLUMNS = {"x": [6, 2, 9], "y": [0, 23, 5]}  # node n encrypts the first n
 
 
 def _global() -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(7)
-    state = {HEAD: torch.randn(3, M, generator=g)}
-    for n in MATRICES:
-        state[n + A_SUFFIX] = torch.randn(MAX_RANK, N, generator=g)
-        state[n + B_SUFFIX] = torch.zeros(M, MAX_RANK)
-    return state
+    return lora_state(MAX_RANK, shape=(M, N), seed=7, matrices=MATRICES, zero_b=True)
 
 
 def _trained(rank: int, seed: int) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {HEAD: torch.randn(3, M, generator=g)}
-    for n in MATRICES:
-        state[n + A_SUFFIX] = torch.randn(rank, N, generator=g)
-        state[n + B_SUFFIX] = torch.randn(M, rank, generator=g)
-    return state
+    return lora_state(rank, shape=(M, N), seed=seed, matrices=MATRICES)
 
 
 def _strategy(public: Path) -> SheLora:
@@ -85,25 +68,10 @@ def _reply(
     strategy: SheLora, node: int, ctx: Any, trained: dict[str, Tensor]
 ) -> Message:
     """What the ClientApp sends back for ``trained`` (real ``sealed_reply``)."""
-    sent = Message(
-        strategy.node_content(1, node, ConfigRecord({"server-round": 1})),
-        dst_node_id=node,
-        message_type=MessageType.TRAIN,
+    reply, _ = she_reply(
+        strategy, node, ctx, trained, rank=RANKS[node], alpha=ALPHA, size=SIZES[node]
     )
-    plain, records, extra = sealed_reply(
-        trained,
-        sent.content.config_records["config"],
-        _cfg(RANKS[node]),
-        ctx,
-        SIZES[node],
-    )
-    metrics = MetricRecord(
-        {"num-examples": SIZES[node], "train-loss": 1.0, "train-seconds": 0.1, **extra}
-    )
-    content = RecordDict({"arrays": ArrayRecord(plain), "metrics": metrics})
-    for key, rec in records.items():
-        content[key] = rec
-    return Message(content, reply_to=sent)
+    return reply
 
 
 def _exact_means(states: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
