@@ -2,8 +2,8 @@
 
 Each probe runs in a fresh process (peak RSS is per process): it composes the
 shipped Hydra config with overrides, builds the client model through
-``fedlora.runtime.model_bundle`` and runs ``fedlora.client.train_round`` twice as
-site 0 of 8, with the initial adapter ``fedlora.adapters.adapter_state(model)``.
+``fedlora.cache.model_bundle`` and runs ``fedlora.client.round.train_round`` twice as
+site 0 of 8, with the initial adapter ``fedlora.lora.state.adapter_state(model)``.
 
 Commands (from the repository root)::
 
@@ -105,7 +105,7 @@ def _compose(overrides: Sequence[str]) -> Any:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from fedlora.configtools import build_config
+    from fedlora.config.flat import build_config
     from strategies.config import ExperimentConfig
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
@@ -129,10 +129,10 @@ def memory_probe(overrides: Sequence[str], threads: int) -> dict[str, Any]:
     import torch
     import transformers  # noqa: F401
 
-    from fedlora.adapters import adapter_state
-    from fedlora.client import train_round
-    from fedlora.runtime import model_bundle, partition_dataset
-    from fedlora.site import SiteConfig
+    from fedlora.cache import model_bundle, partition_dataset
+    from fedlora.client.round import train_round
+    from fedlora.client.site import SiteConfig
+    from fedlora.lora.state import adapter_state
 
     torch.set_num_threads(threads)
     cfg = _compose(overrides)

@@ -4,7 +4,7 @@ Two reports per model, printed as one JSON object and written to
 ``benchmarks/results/dp_costs-<timestamp>.json`` (the folder is gitignored):
 
 1. ``timing``: seconds per local step (``result.seconds / result.steps`` of
-   ``fedlora.client.train_round``, site 0 of 8, in this process, torch threads =
+   ``fedlora.client.round.train_round``, site 0 of 8, in this process, torch threads =
    1 like a Ray actor) with ``privacy.mode=dp`` (``privacy.epsilon=3``, a fresh
    ``PrivacyLedger("rdp", 1e-5)`` per call) and with ``privacy.mode=none``, for
    rounds 1 and 2 (RoLoRA trains B in odd rounds and A in even ones). Each
@@ -59,7 +59,7 @@ MODELS: dict[str, dict[str, Any]] = {
 
 def make_config(model: Mapping[str, Any], variant: str, mode: str, steps: int) -> Any:
     """ExperimentConfig: NF4 ``model``, synthetic data, ``variant``, DP or not."""
-    from fedlora.configtools import build_config
+    from fedlora.config.flat import build_config
     from strategies.config import ExperimentConfig
 
     values: dict[str, Any] = {
@@ -80,7 +80,7 @@ def wire_bytes(state: Mapping[str, Tensor]) -> int:
     from flwr.app import RecordDict
     from flwr.common.serde import recorddict_to_proto
 
-    from fedlora.adapters import to_record
+    from fedlora.lora.state import to_record
 
     return int(recorddict_to_proto(RecordDict({"arrays": to_record(state)})).ByteSize())
 
@@ -93,12 +93,12 @@ def variant_costs(
     model: Mapping[str, Any], variant: str, steps: int, repeats: int
 ) -> dict[str, Any]:
     """Timing (DP vs none, rounds 1 and 2) and wire bytes of one variant."""
-    from fedlora.adapters import adapter_state, num_params, select
-    from fedlora.client import RoundOutcome, train_round
+    from fedlora.cache import model_bundle
+    from fedlora.client.round import RoundOutcome, train_round
+    from fedlora.client.site import SiteConfig
     from fedlora.dp import PrivacyLedger
-    from fedlora.runtime import model_bundle
-    from fedlora.site import SiteConfig
-    from fedlora.variants import VARIANTS
+    from fedlora.lora.state import adapter_state, num_params, select
+    from fedlora.lora.variants import VARIANTS
 
     site = SiteConfig(0, 8)
     cfgs = {m: make_config(model, variant, m, steps) for m in MODES}

@@ -2,8 +2,9 @@
 
 For a DP setting (any run-config overrides), and for each variant, this reports:
 
-- ``sigma``, ``q``, ``b``: what a client calibrates (``fedlora.private.dp_settings``
-  on site 0's partition, for the whole planned run);
+- ``sigma``, ``q``, ``b``: what a client calibrates
+  (``fedlora.client.private_round.dp_settings`` on site 0's partition, for the
+  whole planned run);
 - ``d``: the number of parameters noised in one step (both factors and the head
   for ``lora``; B and the head for ``ffa``; the one active factor and the head for
   ``la_lora`` and ``rolora``, whose round 1 / first step trains B);
@@ -49,14 +50,14 @@ def _value(text: str) -> Any:
 
 def measure(overrides: dict[str, Any], variant: str) -> dict[str, Any]:
     """SNR of the first DP step of site 0 for ``variant`` (see module docstring)."""
-    from fedlora.adapters import adapter_state, load_adapter_state
-    from fedlora.configtools import build_config
+    from fedlora.cache import collator, model_bundle, partition_dataset, set_trainable
+    from fedlora.client.private_round import dp_settings
+    from fedlora.config.flat import build_config
     from fedlora.dp import DPTrainer, PrivacyLedger, poisson_batch
     from fedlora.dp.randomness import TorchRandom
-    from fedlora.private import dp_settings
-    from fedlora.runtime import collator, model_bundle, partition_dataset, set_trainable
+    from fedlora.lora.state import adapter_state, load_adapter_state
+    from fedlora.lora.variants import VARIANTS
     from fedlora.train import activate_factors, step_rule
-    from fedlora.variants import VARIANTS
     from strategies.config import ExperimentConfig
 
     values = {"privacy.mode": "dp", "privacy.epsilon": 1.0, **overrides}

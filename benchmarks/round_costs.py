@@ -29,7 +29,8 @@ Three reports, printed as one JSON object and written to
 3. ``memory``: one client's peak RSS, RSS after loading, the model's
    ``get_memory_footprint()`` and seconds per local step, with an NF4 and a float32
    base, each measured in a fresh subprocess that builds the client model and runs
-   ``fedlora.client.train_round`` twice (site 0 of 8, torch threads = the actors'),
+   ``fedlora.client.round.train_round`` twice (site 0 of 8, torch threads = the
+   actors'),
    with NF4/float32 ratios; see ``benchmarks.client_memory``.
 
 Commands (from the repository root; run one benchmark at a time, the federation

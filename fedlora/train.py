@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from fedlora.adapters import factor_of
 from fedlora.config import ClientConfig, TrainConfig
-from fedlora.variants import VARIANTS
+from fedlora.lora.state import factor_of
+from fedlora.lora.variants import VARIANTS
 
 Batch = dict[str, Tensor]
 Collate = Callable[[list[Batch]], Batch]

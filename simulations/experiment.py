@@ -2,12 +2,13 @@
 
 Only ``simulations/`` knows Hydra. It composes ``conf/``, validates through the
 same dataclasses the apps use (``ExperimentConfig``), flattens to Flower's flat
-run-config with ``fedlora.configtools.flatten_config`` and writes it as TOML for
+run-config with ``fedlora.config.flat.flatten_config`` and writes it as TOML for
 ``flwr run --run-config``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import Any
 
 import tomli_w
 
-from fedlora.configtools import ConfigError, build_config, check_range, flatten_config
+from fedlora.config import DataConfig
+from fedlora.config.flat import ConfigError, build_config, check_range, flatten_config
+from fedlora.data.preflight import check_data_files
 from strategies.config import ExperimentConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -39,18 +42,41 @@ class LaunchConfig:
 def from_hydra(container: dict[str, Any]) -> tuple[ExperimentConfig, LaunchConfig]:
     """Validate a resolved Hydra config (as a plain dict) into dataclasses.
 
+    The local data files are read as the clients will read them
+    (:func:`fedlora.data.preflight.check_data_files`), and their paths made
+    absolute.
+
     Raises
     ------
     ConfigError
-        Naming the key, the value and what is allowed (before anything loads).
+        Naming the key, the value and what is allowed, or the data file, the row or
+        column and the fix (before Flower starts).
     """
     values = {k: v for k, v in container.items() if k not in ("hydra", "launcher")}
     experiment = build_config(ExperimentConfig, values)
     launch = build_config(LaunchConfig, container.get("launcher") or {})
-    data = experiment.data
-    if data.source == "local" and not Path(data.path).expanduser().is_file():
-        raise ConfigError(f"data.path={data.path!r}: no such file (data.source=local)")
+    check_data_files(experiment.data)
+    data = absolute_paths(experiment.data)
+    if data != experiment.data:
+        experiment = dataclasses.replace(experiment, data=data)
     return experiment, launch
+
+
+def absolute_paths(data: DataConfig) -> DataConfig:
+    """Make ``data.path`` (source local) and ``data.test_path`` absolute.
+
+    The clients run in Flower's processes, whose working directory is not the
+    launcher's: a relative path the preflight read would name another file there.
+    """
+    path = _absolute(data.path) if data.source == "local" else data.path
+    test_path = _absolute(data.test_path)
+    if (path, test_path) == (data.path, data.test_path):
+        return data
+    return dataclasses.replace(data, path=path, test_path=test_path)
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve()) if path else ""
 
 
 def write_run_config(experiment: ExperimentConfig, path: Path) -> dict[str, Any]:

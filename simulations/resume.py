@@ -21,13 +21,13 @@ from pathlib import Path
 
 import yaml
 
-from fedlora.configtools import ConfigError
+from fedlora.config.flat import ConfigError
 from simulations.experiment import PROJECT_ROOT, write_run_config
 from simulations.flower_runtime import LocalSimulation
-from strategies.checkpoint import flatten_dict, latest_checkpoint
 from strategies.config import ExperimentConfig
-from strategies.rundir import RunDir
-from strategies.table import format_table
+from strategies.server.checkpoint import flatten_dict, latest_checkpoint
+from strategies.server.rundir import RunDir
+from strategies.server.table import format_table
 
 
 def resumed_config(run_dir: Path) -> ExperimentConfig:

@@ -10,7 +10,9 @@ Commands (from the repository root)::
     python -m simulations.run hydra.run.dir=/tmp/smoke federation.rounds=1  # smoke
 
 Each job: 1. compose the Hydra config, 2. validate it through the typed dataclasses
-(nothing loads if a value is wrong), 3. write the flat Flower run-config, 4. start a
+(nothing loads if a value is wrong) and read the local data files as the clients
+will (a bad file stops the job here, exit code 2, with the file, row or column and
+the fix), 3. write the flat Flower run-config, 4. start a
 private Flower SuperLink in simulation mode and run the app with ``flwr run`` (every
 process it starts is stopped by PID at the end, also on Ctrl-C), 5. print the
 per-round table from the run directory.
@@ -27,7 +29,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedlora.configtools import ConfigError
+from fedlora.config.flat import ConfigError
 from simulations.experiment import (
     CONF_DIR,
     PROJECT_ROOT,
@@ -37,8 +39,8 @@ from simulations.experiment import (
 )
 from simulations.flower_runtime import LocalSimulation
 from strategies.config import ExperimentConfig
-from strategies.rundir import RunDir
-from strategies.table import format_table
+from strategies.server.rundir import RunDir
+from strategies.server.table import format_table
 
 
 def with_he_keys(experiment: ExperimentConfig) -> ExperimentConfig:
@@ -64,7 +66,7 @@ def with_he_keys(experiment: ExperimentConfig) -> ExperimentConfig:
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: one call per job (one per sweep point with ``-m``)."""
-    # 1-2. compose + validate
+    # 1-2. compose + validate (the config and the local data files)
     container = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     try:
         experiment, launch = from_hydra(container)

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedlora.config import ClientConfig
-from fedlora.configtools import ConfigError, build_config, check_choice
+from fedlora.config.flat import ConfigError, build_config, check_choice
+from strategies.registry import STRATEGIES, rank_aware_names
 
 WEIGHTINGS = ("num_examples", "uniform")
-# Strategies that accept clients of different LoRA ranks.
-RANK_AWARE = ("hetlora", "flora", "flexlora", "she_lora")
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,10 @@ class StrategyConfig:
 
     name: str = field(
         default="fedavg",
-        metadata={"help": "Aggregation: fedavg, hetlora, flora, flexlora, she_lora."},
+        metadata={
+            "help": "Aggregation: "
+            + "; ".join(f"{n}: {STRATEGIES.get(n).summary}" for n in STRATEGIES)
+        },
     )
     weighting: str = field(
         default="num_examples",
@@ -59,8 +61,6 @@ class StrategyConfig:
     )
 
     def __post_init__(self) -> None:
-        from strategies.factory import STRATEGIES
-
         check_choice("strategy.name", self.name, STRATEGIES.names())
         check_choice("strategy.weighting", self.weighting, WEIGHTINGS)
         for i, k in enumerate(self.he_budgets):
@@ -90,14 +90,15 @@ class ExperimentConfig(ClientConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         ranks = set(self.federation.client_ranks) | {self.adapter.rank}
-        if len(ranks) > 1 and self.strategy.name not in RANK_AWARE:
+        rank_aware = rank_aware_names()
+        if len(ranks) > 1 and self.strategy.name not in rank_aware:
             raise ConfigError(
                 f"federation.client_ranks={list(self.federation.client_ranks)} gives "
                 f"clients different LoRA ranks (adapter.rank={self.adapter.rank} is "
                 f"the global one), which strategy={self.strategy.name} cannot merge; "
-                f"use strategy={' | '.join(RANK_AWARE)}"
+                f"use strategy={' | '.join(rank_aware)}"
             )
-        if self.strategy.name in RANK_AWARE and self.adapter.variant != "lora":
+        if self.strategy.name in rank_aware and self.adapter.variant != "lora":
             raise ConfigError(
                 f"strategy={self.strategy.name} merges both factors of every client; "
                 f"adapter={self.adapter.variant} trains or sends one only. Use "

@@ -11,9 +11,5 @@ class FedLoraServerError(Exception):
         self.reason = reason
 
 
-class InconsistentReplies(FedLoraServerError):
-    """A client reply does not match what the server expects (keys, shapes, ...)."""
-
-
 class AggregationError(FedLoraServerError):
     """Aggregation cannot proceed (e.g. no valid reply, weights summing to zero)."""

@@ -10,16 +10,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import ClassVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from torch import Tensor
 
-from fedlora.adapters import StateDict, fingerprint, from_record, select, to_record
-from fedlora.variants import VARIANTS, Variant
+from fedlora import protocol as proto
+from fedlora.lora.residual import Residual
+from fedlora.lora.state import StateDict, fingerprint, from_record, select, to_record
+from fedlora.lora.variants import VARIANTS, Variant
 from strategies.aggregation import merge_into, weighted_mean
 from strategies.config import ExperimentConfig
 from strategies.validation import reply_problem
@@ -102,10 +104,6 @@ class FedAvgLora(FedAvg):
         self.weighting = weighting
         self.variant = variant or VARIANTS.get("lora")
         self.global_state: StateDict | None = None
-        # False when the server cannot reconstruct the merged model (SHE-LoRA)
-        self.server_can_evaluate = True
-        # FLoRA: merged update kept beside the base, matrix -> (B_res, A_res)
-        self.residual: dict[str, tuple[Tensor, Tensor]] = {}
         self.stats: dict[int, RoundStats] = {}
 
     @classmethod
@@ -121,8 +119,18 @@ class FedAvgLora(FedAvg):
             variant=VARIANTS.get(cfg.adapter.variant),
         )
 
-    # Attributes that a checkpoint must restore (subclasses extend the tuple).
-    checkpoint_attrs: tuple[str, ...] = ("residual",)
+    # Attributes that a checkpoint must restore (subclasses name their own state).
+    checkpoint_attrs: tuple[str, ...] = ()
+    # False when the server cannot rebuild the merged model (SHE-LoRA: only the key
+    # holders can), so evaluation is federated only and no adapter is exported.
+    server_can_evaluate: ClassVar[bool] = True
+
+    def base_residual(self) -> Residual:
+        """Return the frozen delta beside the base that the global model includes.
+
+        Empty here; FLoRA keeps its merged updates there (``matrix -> (B, A)``).
+        """
+        return {}
 
     def checkpoint_state(self) -> dict[str, object]:
         """Return what resuming needs besides the global adapter."""
@@ -152,7 +160,7 @@ class FedAvgLora(FedAvg):
         down = select(self.global_state, self.variant.sends_down(server_round))
         kept = [k for k in self.global_state if k not in down]
         if kept:
-            config["frozen-fingerprint"] = fingerprint(self.global_state, kept)
+            config[proto.FROZEN_FINGERPRINT] = fingerprint(self.global_state, kept)
         messages = list(
             super().configure_train(server_round, to_record(down), config, grid)
         )
@@ -181,38 +189,33 @@ class FedAvgLora(FedAvg):
     ) -> StateDict:
         """Return the new global adapter from the valid replies (FedAvg per tensor)."""
         del server_round
-        states = [from_record(m.content.array_records["arrays"]) for m in replies]
+        states = [from_record(m.content.array_records[proto.ARRAYS]) for m in replies]
         return merge_into(self._global(), weighted_mean(states, weights))
 
     def _record_privacy(
         self, server_round: int, msg: Message, stats: RoundStats
     ) -> bool:
         """Keep a DP client's privacy report; True if its budget is spent."""
-        metrics = msg.content.metric_records.get("metrics")
-        if metrics is None or "epsilon" not in metrics:
+        metrics = msg.content.metric_records.get(proto.METRICS)
+        dp = None if metrics is None else proto.PrivacyReport.from_metrics(metrics)
+        if metrics is None or dp is None:
             return False
         report = {
-            k: metric(metrics, k)
-            for k in (
-                "epsilon",
-                "dp-noise-multiplier",
-                "dp-sample-rate",
-                "dp-steps",
-                "dp-delta",
-                "partition-id",
-            )
+            k: float(v) for k, v in dp.to_metrics().items() if k != "dp-exhausted"
         }
+        report[proto.PARTITION_ID] = metric(metrics, proto.PARTITION_ID)
         node = msg.metadata.src_node_id
         stats.privacy[node] = report
-        if metric(metrics, "dp-exhausted", 0.0) > 0:
+        if dp.exhausted:
             stats.exhausted.append(node)
             log(
-                INFO,
-                "Round %d: node %d (partition %d) stopped training: its privacy budget "
+                WARNING,
+                "fedlora: round %d: node %d (partition %d) stopped training: its "
+                "privacy budget "
                 "is spent (epsilon %.3f); the round goes on without it",
                 server_round,
                 node,
-                int(report["partition-id"]),
+                int(report[proto.PARTITION_ID]),
                 report["epsilon"],
             )
             return True
@@ -223,7 +226,7 @@ class FedAvgLora(FedAvg):
         latest: dict[str, dict[str, float]] = {}
         for rnd in sorted(self.stats):
             for report in self.stats[rnd].privacy.values():
-                key = f"partition-{int(report['partition-id'])}"
+                key = f"partition-{int(report[proto.PARTITION_ID])}"
                 latest[key] = {**report, "last_round": float(rnd)}
         return latest
 
@@ -247,7 +250,7 @@ class FedAvgLora(FedAvg):
             stats.dropped.append((node, reason))
             log(
                 WARNING,
-                "Round %d: dropping reply of node %d: %s",
+                "fedlora: round %d: dropping reply of node %d: %s",
                 server_round,
                 node,
                 reason,
@@ -256,24 +259,24 @@ class FedAvgLora(FedAvg):
         if len(good) < max(1, self.min_train_nodes):
             log(
                 WARNING,
-                "Round %d: %d valid replies, fewer than the minimum %d; "
+                "fedlora: round %d: %d valid replies, fewer than the minimum %d; "
                 "the global adapter is unchanged this round",
                 server_round,
                 len(good),
                 max(1, self.min_train_nodes),
             )
             return None, None
-        metrics = [m.content.metric_records["metrics"] for m in good]
+        metrics = [m.content.metric_records[proto.METRICS] for m in good]
         weights = [
-            metric(m, "num-examples") if self.weighting == "num_examples" else 1.0
+            metric(m, proto.NUM_EXAMPLES) if self.weighting == "num_examples" else 1.0
             for m in metrics
         ]
         new_global = self.merge(server_round, good, weights)
-        losses = [metric(m, "train-loss") for m in metrics]
+        losses = [metric(m, proto.TRAIN_LOSS) for m in metrics]
         stats.train_loss = sum(
             w * x for w, x in zip(weights, losses, strict=True)
         ) / sum(weights)
-        stats.client_train_seconds = [metric(m, "train-seconds") for m in metrics]
+        stats.client_train_seconds = [metric(m, proto.TRAIN_SECONDS) for m in metrics]
         log(
             INFO,
             "Round %d: aggregated %d of %d replies",
@@ -281,4 +284,4 @@ class FedAvgLora(FedAvg):
             len(good),
             len(replies),
         )
-        return to_record(new_global), MetricRecord({"train-loss": stats.train_loss})
+        return to_record(new_global), MetricRecord({proto.TRAIN_LOSS: stats.train_loss})

@@ -4,8 +4,8 @@ Paper: "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks
 and Client Resources". The server forms ``dW = sum_i p_i s_i B_i A_i`` (exact, float64)
 for every adapted matrix and gives client ``i`` the best rank-``r_i`` approximation
 of ``dW`` (Eckart-Young), expressed in factors for the client's own LoRA scale
-``s_i`` (P10). One SVD per matrix per round serves every rank: the top ``r``
-singular triplets are nested.
+``s_i`` (so its local adapter reproduces that approximation). One SVD per matrix
+per round serves every rank: the top ``r`` singular triplets are nested.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 
 from torch import Tensor
 
-from fedlora.adapters import A_SUFFIX, B_SUFFIX, StateDict
-from fedlora.lowrank import svd_factors
-from strategies.hetero import mean_update
-from strategies.hetero_base import HeteroRankLora, truncate_state
+from fedlora.lora.rank import product_mean, svd_factors
+from fedlora.lora.state import A_SUFFIX, B_SUFFIX, StateDict
+from strategies.aggregation import normalise_weights
+from strategies.rank_aware import HeteroRankLora, truncate_state
 
 Svd = tuple[Tensor, Tensor, Tensor]
 
@@ -25,7 +25,7 @@ Svd = tuple[Tensor, Tensor, Tensor]
 class FlexLora(HeteroRankLora):
     """Product-level averaging with per-client SVD redistribution."""
 
-    checkpoint_attrs = ("residual", "svd")
+    checkpoint_attrs = ("svd",)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -43,7 +43,8 @@ class FlexLora(HeteroRankLora):
         del server_round
         import torch
 
-        delta = mean_update(factors, weights, [self.scale(r) for r in ranks])
+        scales = [self.scale(r) for r in ranks]
+        delta = product_mean(factors, normalise_weights(weights), scales)
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         self.svd[name] = (u, s, vh)
         return svd_factors(u, s, vh, self.max_rank, self.scale(self.max_rank))

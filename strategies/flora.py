@@ -3,10 +3,11 @@
 Paper: "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous
 Low-Rank Adaptations". Each round the server stacks ``[B_1 | ... | B_K]`` and
 ``[p_1 s_1 A_1; ...; p_K s_K A_K]`` (weights and each client's own LoRA scale
-folded into A, P10), whose product is exactly ``sum_i p_i s_i B_i A_i``, and adds
-it to the model. Here that merged update is a full-precision residual *beside* the
-4-bit base (``fedlora.residual``), accumulated over rounds; every client restarts
-from the shared initial adapter (A from the seed, B = 0) at its own rank.
+folded into A only, so they are not applied twice), whose product is exactly
+``sum_i p_i s_i B_i A_i``, and adds it to the model. Here that merged update is a
+full-precision residual *beside* the 4-bit base (``fedlora.lora.residual``),
+accumulated over rounds; every client restarts from the shared initial adapter
+(A from the seed, B = 0) at its own rank.
 
 Downlink: the accumulated residual, ``R (m + n)`` floats per matrix, where ``R``
 grows by ``sum r_i`` each round until it reaches ``min(m, n)``; beyond that it is
@@ -15,14 +16,18 @@ recompressed by an SVD at rank ``min(m, n)``, which is exact.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from flwr.app import ConfigRecord, RecordDict
 from torch import Tensor
 
-from fedlora.adapters import A_SUFFIX, B_SUFFIX, pairs_state, to_record
-from fedlora.residual import RESIDUAL_RECORD
-from strategies.hetero import flora_stack
-from strategies.hetero_base import HeteroRankLora
+from fedlora import protocol as proto
+from fedlora.lora.rank import stack_factors
+from fedlora.lora.residual import Residual
+from fedlora.lora.state import A_SUFFIX, B_SUFFIX, pairs_state, to_record
+from strategies.aggregation import normalise_weights
+from strategies.rank_aware import HeteroRankLora
 
 
 def append_stack(
@@ -46,6 +51,17 @@ def append_stack(
 class Flora(HeteroRankLora):
     """Stacking aggregation: exact, any rank mix, a residual that grows."""
 
+    checkpoint_attrs = ("residual",)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # The merged updates of every round so far, matrix -> (B_res, A_res).
+        self.residual: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def base_residual(self) -> Residual:
+        """Return the accumulated merged update (kept beside the base)."""
+        return self.residual
+
     def merge_factors(
         self,
         server_round: int,
@@ -56,7 +72,8 @@ class Flora(HeteroRankLora):
     ) -> tuple[Tensor, Tensor]:
         """Add this round's stack to the residual; the adapter restarts."""
         del server_round
-        stack = flora_stack(factors, weights, [self.scale(r) for r in ranks])
+        scales = [self.scale(r) for r in ranks]
+        stack = stack_factors(factors, normalise_weights(weights), scales)
         self.residual[name] = tuple(  # type: ignore[assignment]
             t.float() for t in append_stack(self.residual.get(name), stack)
         )
@@ -69,5 +86,5 @@ class Flora(HeteroRankLora):
         """Send the shared initial adapter at the node's rank, plus the residual."""
         content = super().node_content(server_round, node, config)
         if self.residual:
-            content[RESIDUAL_RECORD] = to_record(pairs_state(self.residual))
+            content[proto.RESIDUAL] = to_record(pairs_state(self.residual))
         return content

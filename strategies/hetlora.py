@@ -13,14 +13,60 @@ components. The client-side rank self-pruning of the paper is not implemented.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from fedlora.adapters import StateDict
+from fedlora.lora.rank import Factors, check_pairs, pad_rank
+from fedlora.lora.state import StateDict
+from strategies.aggregation import normalise_weights
 from strategies.config import ExperimentConfig
-from strategies.hetero import hetlora_merge
-from strategies.hetero_base import HeteroRankLora, truncate_state
+from strategies.exceptions import AggregationError
+from strategies.rank_aware import HeteroRankLora, truncate_state
+
+
+def hetlora_merge(
+    factors: Sequence[Factors],
+    weights: Sequence[float],
+    scales: Sequence[float],
+    *,
+    r_max: int,
+    s_max: float,
+    norm_weighting: bool,
+) -> Factors:
+    """HetLoRA: factor-wise weighted mean of the zero-padded clients at ``r_max``.
+
+    Client ``i`` (scale ``s_i``) enters as ``(B_i s_i / s_max, A_i)`` zero-padded to
+    ``r_max``, so under the global scale ``s_max`` its padded factors give exactly
+    its own update ``s_i B_i A_i``: a client merged alone is returned unchanged.
+    With ``norm_weighting`` the weights are ``w_i ||s_i B_i A_i||_F`` (HetLoRA's
+    sparsity weighting; uniform when every update is zero, e.g. while B = 0);
+    otherwise ``w_i``. Returns float64 ``B: (d_out, r_max)``, ``A: (r_max, d_in)``.
+    """
+    if len(factors) != len(weights):
+        raise AggregationError(f"{len(factors)} clients but {len(weights)} weights")
+    d_out, d_in = check_pairs(factors)
+    above = [b.shape[1] for b, _ in factors if b.shape[1] > r_max]
+    if above:
+        raise AggregationError(f"ranks {above} exceed the maximum rank {r_max}")
+    if norm_weighting:
+        norms = [
+            s * float(torch.linalg.matrix_norm(b.double() @ a.double()))
+            for s, (b, a) in zip(scales, factors, strict=True)
+        ]
+        weights = [w * n for w, n in zip(weights, norms, strict=True)]
+        if sum(weights) <= 0:
+            weights = [1.0] * len(factors)
+    p = normalise_weights(weights)
+    b_sum = torch.zeros(d_out, r_max, dtype=torch.float64)
+    a_sum = torch.zeros(r_max, d_in, dtype=torch.float64)
+    for pi, si, (b, a) in zip(p, scales, factors, strict=True):
+        b_pad, a_pad = pad_rank(b.double() * (si / s_max), a.double(), r_max)
+        b_sum += pi * b_pad
+        a_sum += pi * a_pad
+    return b_sum, a_sum
 
 
 class HetLora(HeteroRankLora):

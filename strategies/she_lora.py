@@ -37,7 +37,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import Tensor
 
-from fedlora.adapters import (
+from fedlora import protocol as proto
+from fedlora.lora.rank import product_mean, svd_factors
+from fedlora.lora.state import (
     A_SUFFIX,
     B_SUFFIX,
     StateDict,
@@ -46,16 +48,13 @@ from fedlora.adapters import (
     pairs_state,
     to_record,
 )
-from fedlora.lowrank import svd_factors
 from fedlora.she.columns import Selection, negotiate, unswap_columns
-from fedlora.she.flower import CIPHER, PLAIN
 from fedlora.she.keys import context_id, load_public_context
 from fedlora.she.packing import add_ciphertexts, num_chunks, ordered_chunks
-from strategies.aggregation import weighted_mean
+from strategies.aggregation import normalise_weights, weighted_mean
 from strategies.config import ExperimentConfig
 from strategies.fedavg_lora import RoundStats, metric
-from strategies.hetero import mean_update
-from strategies.hetero_base import (
+from strategies.rank_aware import (
     HeteroRankLora,
     head_keys,
     truncate_state,
@@ -81,7 +80,6 @@ class SheLora(HeteroRankLora):
     """
 
     checkpoint_attrs = (
-        "residual",
         "columns",
         "plain",
         "summed",
@@ -89,12 +87,13 @@ class SheLora(HeteroRankLora):
         "total_weight",
     )
 
+    server_can_evaluate = False  # the merged columns exist only at the key holders
+
     def __init__(self, *, public_context: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ctx = load_public_context(Path(public_context))
         assert not self.ctx.is_private()  # the server never holds a secret key
         self.ctx_id = context_id(self.ctx)
-        self.server_can_evaluate = False
         self.columns: dict[str, list[int]] = {}  # negotiated, best first
         self.plain: dict[str, tuple[Tensor, Tensor]] = {}  # B_p A_p = merge
         self.summed: list[bytes] = []
@@ -120,14 +119,14 @@ class SheLora(HeteroRankLora):
 
     def negotiate(self, grid: Grid, nodes: list[int]) -> None:
         """Query the nodes' column scores; fix one nested list per matrix."""
-        replies = self.query(grid, nodes, "she-sensitivity")
+        replies = self.query(grid, nodes, proto.QUERY_SHE_SENSITIVITY)
         names = matrix_names(self._global())
         selections: dict[str, list[Selection]] = {n: [] for n in names}
         for node, reply in replies.items():
-            rec = reply.content.config_records["she-scores"]
+            rec = reply.content.config_records[proto.SHE_SCORES]
             for n in names:
-                pos = [int(x) for x in rec.get(f"pos:{n}", [])]  # type: ignore[union-attr]
-                sc = [float(x) for x in rec.get(f"score:{n}", [])]  # type: ignore[union-attr]
+                pos = [int(x) for x in rec.get(f"{proto.SCORE_POSITIONS}{n}", [])]  # type: ignore[union-attr]
+                sc = [float(x) for x in rec.get(f"{proto.SCORE_VALUES}{n}", [])]  # type: ignore[union-attr]
                 selections[n].append(Selection(self.nodes[node].he_budget, pos, sc))
         glob = self._global()
         self.columns = {
@@ -164,21 +163,21 @@ class SheLora(HeteroRankLora):
         """Head (+ initial factors in round 1), plaintext merge, summed ciphertexts."""
         state = truncate_state(self._global(), self.nodes[node].rank)
         own = ConfigRecord(dict(config))
-        own["she-k"] = self.budget(node)
-        own["she-sum-k"] = self.sum_k
-        own["she-total-weight"] = self.total_weight
-        own["she-context-id"] = self.ctx_id
-        own["she-weighting"] = self.weighting
+        own[proto.SHE_K] = self.budget(node)
+        own[proto.SHE_SUM_K] = self.sum_k
+        own[proto.SHE_TOTAL_WEIGHT] = self.total_weight
+        own[proto.SHE_CONTEXT_ID] = self.ctx_id
+        own[proto.SHE_WEIGHTING] = self.weighting
         for n, cols in self.columns.items():
-            own[f"she-list:{n}"] = cols
-        content = RecordDict({"config": own})
+            own[f"{proto.SHE_LIST}{n}"] = cols
+        content = RecordDict({proto.CONFIG: own})
         if self.plain:
             state = {k: state[k] for k in head_keys(state)}
-            content[PLAIN] = to_record(pairs_state(self.plain))
-            content[CIPHER] = ConfigRecord(
+            content[proto.SHE_PLAIN] = to_record(pairs_state(self.plain))
+            content[proto.SHE_CIPHER] = ConfigRecord(
                 {f"c{i}": c for i, c in enumerate(self.summed)}
             )
-        content["arrays"] = to_record(state)
+        content[proto.ARRAYS] = to_record(state)
         return content
 
     # -- replies ------------------------------------------------------------
@@ -189,9 +188,9 @@ class SheLora(HeteroRankLora):
         if problem is not None:
             return problem
         content = msg.content
-        m = content.metric_records["metrics"]
-        got_id = content.config_records.get("she-upload", ConfigRecord()).get(
-            "she-context-id", ""
+        m = content.metric_records[proto.METRICS]
+        got_id = content.config_records.get(proto.SHE_UPLOAD, ConfigRecord()).get(
+            proto.SHE_CONTEXT_ID, ""
         )
         if got_id != self.ctx_id:
             return (
@@ -199,15 +198,15 @@ class SheLora(HeteroRankLora):
                 f"server's public context is {self.ctx_id!r}); give the site the "
                 "secret context made with the server's public one"
             )
-        upload = content.config_records["she-upload"]
-        k = int(metric(m, "she-k", -1))
+        upload = content.config_records[proto.SHE_UPLOAD]
+        k = int(metric(m, proto.SHE_K, -1))
         node = msg.metadata.src_node_id
         if not 0 <= k <= self.budget(node):
             return (
                 f"encrypted {k} columns per matrix; its budget is {self.budget(node)}"
             )
         for n, cols in self.columns.items():
-            sent = [int(x) for x in upload.get(f"she-cols:{n}", [])]  # type: ignore[union-attr]
+            sent = [int(x) for x in upload.get(f"{proto.SHE_COLS}{n}", [])]  # type: ignore[union-attr]
             if sent != cols[:k]:
                 extra = sorted(set(sent) - set(cols[:k]))
                 return (
@@ -215,13 +214,15 @@ class SheLora(HeteroRankLora):
                     f"negotiated (expected the first {k} of the list: {cols[:k]})"
                 )
         sizes = [self._global()[n + B_SUFFIX].shape[0] for n in self.columns]
-        chunks = ordered_chunks(content.config_records.get(CIPHER, ConfigRecord()))
+        chunks = ordered_chunks(
+            content.config_records.get(proto.SHE_CIPHER, ConfigRecord())
+        )
         want = num_chunks(k, sizes) if k else 0
         if len(chunks) != want:
             return (
                 f"{len(chunks)} ciphertexts for {k} columns per matrix; expected {want}"
             )
-        if metric(m, "she-weight", 0.0) <= 0:
+        if metric(m, proto.SHE_WEIGHT, 0.0) <= 0:
             return "missing or non-positive she-weight"
         return None
 
@@ -237,11 +238,11 @@ class SheLora(HeteroRankLora):
         """
         del weights  # the clients folded their own weights into the ciphertexts
         start = time.perf_counter()
-        metrics = [m.content.metric_records["metrics"] for m in replies]
-        w = [metric(m, "she-weight") for m in metrics]
-        ks = [int(metric(m, "she-k")) for m in metrics]
+        metrics = [m.content.metric_records[proto.METRICS] for m in replies]
+        w = [metric(m, proto.SHE_WEIGHT) for m in metrics]
+        ks = [int(metric(m, proto.SHE_K)) for m in metrics]
         ranks = [self.nodes[m.metadata.src_node_id].rank for m in replies]
-        states = [from_record(m.content.array_records["arrays"]) for m in replies]
+        states = [from_record(m.content.array_records[proto.ARRAYS]) for m in replies]
         glob = self._global()
         new = dict(glob)
         heads = head_keys(glob)
@@ -255,7 +256,9 @@ class SheLora(HeteroRankLora):
             b, a = self.merge_plain(n, factors, w, ranks)
             new[n + B_SUFFIX], new[n + A_SUFFIX] = b.float(), a.float()
         uploads = [
-            ordered_chunks(m.content.config_records.get(CIPHER, ConfigRecord()))
+            ordered_chunks(
+                m.content.config_records.get(proto.SHE_CIPHER, ConfigRecord())
+            )
             for m in replies
         ]
         self.summed = add_ciphertexts(self.ctx, uploads)
@@ -284,7 +287,8 @@ class SheLora(HeteroRankLora):
         Returns ``dW_p``'s best rank-``max_rank`` factors for the global scale
         (float64), the server's own adapter.
         """
-        delta = mean_update(factors, weights, [self.scale(r) for r in ranks])
+        scales = [self.scale(r) for r in ranks]
+        delta = product_mean(factors, normalise_weights(weights), scales)
         u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
         bp, ap = svd_factors(u, sv, vh, plain_rank(ranks, delta.shape), 1.0)
         self.plain[name] = (bp.float(), ap.float())
@@ -305,14 +309,14 @@ class SheLora(HeteroRankLora):
                 "he_plain_bytes_up": float(stats.bytes_up) - cipher_up,
                 "he_ciphertexts_up": float(sum(len(u) for u in uploads)),
                 "he_encrypt_seconds": sum(
-                    metric(m, "he-encrypt-seconds", 0.0) for m in metrics
+                    metric(m, proto.HE_ENCRYPT_SECONDS, 0.0) for m in metrics
                 ),
                 "he_decrypt_seconds": sum(
-                    metric(m, "he-decrypt-seconds", 0.0) for m in metrics
+                    metric(m, proto.HE_DECRYPT_SECONDS, 0.0) for m in metrics
                 ),
                 "he_aggregate_seconds": time.perf_counter() - start,
                 "he_encrypted_fraction": max(
-                    (metric(m, "he-encrypted-fraction", 0.0) for m in metrics),
+                    (metric(m, proto.HE_ENCRYPTED_FRACTION, 0.0) for m in metrics),
                     default=0.0,
                 ),
             }

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from fedlora import protocol as proto
+
 # A reply may be somewhat larger than its raw tensors (keys, numpy headers); anything
 # beyond this factor of the expected size is refused before it is deserialised.
 SIZE_SLACK = 1.5
@@ -27,7 +29,7 @@ def reply_problem(
     msg: Message,
     expected: Mapping[str, tuple[int, ...]],
     *,
-    weight_key: str = "num-examples",
+    weight_key: str = proto.NUM_EXAMPLES,
 ) -> str | None:
     """Why ``msg`` cannot be aggregated, or None if it can.
 
@@ -43,8 +45,8 @@ def reply_problem(
     if msg.has_error():
         return f"client reported an error: {msg.error.reason}"
     content = msg.content
-    arrays = content.get("arrays")
-    metrics = content.get("metrics")
+    arrays = content.get(proto.ARRAYS)
+    metrics = content.get(proto.METRICS)
     if not isinstance(arrays, ArrayRecord):
         return "reply has no ArrayRecord 'arrays'"
     if not isinstance(metrics, MetricRecord):

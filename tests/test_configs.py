@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from fedlora.configtools import ConfigError, flatten_config
+from fedlora.config.flat import ConfigError, flatten_config
 from simulations.experiment import CONF_DIR, from_hydra, pyproject_config
 from strategies.config import ExperimentConfig
 
@@ -38,7 +38,7 @@ PAIRED = {
     ("data", "synthetic_instruct"): ["model=tiny_llama"],
     ("strategy", "she_lora"): ["federation.fraction_evaluate=1.0"],
 }
-EXPECTED_FILES = 25
+EXPECTED_FILES = 28
 
 
 def _compose(overrides: list[str]) -> dict[str, Any]:
@@ -49,13 +49,25 @@ def _compose(overrides: list[str]) -> dict[str, Any]:
     return container
 
 
+BASE_DIR = "base"  # conf/base/<group>.yaml: every key of a group, with defaults
+
+
+def _defaults_of(node: Any) -> list[str]:
+    return [str(d) for d in node.pop("defaults", []) if str(d) != "_self_"]
+
+
 def _group_yaml(group: str, option: str) -> Any:
-    """The option's own keys merged over the options its defaults list names."""
+    """The option's own keys merged over the configs its defaults list names
+    (another option of the group, or ``/base/<group>@_here_``)."""
     node = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
     merged = OmegaConf.create()
-    for base in node.pop("defaults", []):
-        if base != "_self_":
-            merged = OmegaConf.merge(merged, _group_yaml(group, str(base)))
+    for base in _defaults_of(node):
+        if base.startswith("/"):
+            path = base.split("@")[0].lstrip("/")
+            parent = OmegaConf.load(CONF_DIR / f"{path}.yaml")
+        else:
+            parent = _group_yaml(group, base)
+        merged = OmegaConf.merge(merged, parent)
     return OmegaConf.merge(merged, node)
 
 
@@ -63,7 +75,7 @@ def _options() -> list[tuple[str, str]]:
     return sorted(
         (p.parent.name, p.stem)
         for p in CONF_DIR.rglob("*.yaml")
-        if p.parent != CONF_DIR
+        if p.parent != CONF_DIR and p.parent.name != BASE_DIR
     )
 
 
@@ -99,6 +111,34 @@ def test_group_yaml_keys_equal_dataclass_fields() -> None:
             failures.append(
                 f"{group}/{option}: missing {want - got}, extra {got - want}"
             )
+    assert not failures, "\n".join(failures)
+
+
+# The key that names the option itself (set by every option, even to the default).
+IDENTITY = {"adapter": "variant", "strategy": "name", "privacy": "mode"}
+
+
+def test_an_option_lists_only_what_it_changes_from_its_base() -> None:
+    """With a base file, an option repeats no base value (no "unused by" lines)."""
+    failures = []
+    for group, option in _options():
+        base_file = CONF_DIR / BASE_DIR / f"{group}.yaml"
+        if not base_file.exists():
+            continue
+        base = OmegaConf.load(base_file)
+        node = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+        parents = _defaults_of(node)  # the base file, or an option built on it
+        if f"/{BASE_DIR}/{group}@_here_" not in parents and not any(
+            not parent.startswith("/") for parent in parents
+        ):
+            failures.append(f"{group}/{option}: does not start from its base file")
+        same = [
+            k
+            for k in node
+            if k != IDENTITY.get(group) and k in base and node[k] == base[k]
+        ]
+        if same:
+            failures.append(f"{group}/{option}: repeats base values of {same}")
     assert not failures, "\n".join(failures)
 
 

@@ -7,25 +7,39 @@ Sources (``data.source``, the keys of :data:`DATA_SOURCES`):
 - ``local``: a CSV/TSV/JSONL/Parquet file at ``data.path``;
 - ``hf``: ``datasets.load_dataset(data.path, data.subset, split=data.split)``.
 
-Importing this package is cheap: ``datasets``, ``flwr_datasets`` and ``pandas`` are
-imported inside the functions that use them (``DataConfig`` validation imports
+Importing this package is cheap: ``datasets``, ``flwr_datasets``, ``pandas`` and
+torch are imported where they are used (``DataConfig`` validation imports
 :data:`DATA_SOURCES`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from fedlora.data import instruct, synthetic
 from fedlora.data.files import load_hub, load_local
-from fedlora.data.sources import DATA_SOURCES, DataSource, alpaca_prompt
+from fedlora.data.sources import DATA_SOURCES, TASKS, DataSource, alpaca_prompt
 from fedlora.data.split import load_heldout, load_partition, num_labels
-from fedlora.data.tokenize import TokenizedDataset, make_collator
 
 if TYPE_CHECKING:
     import datasets
 
     from fedlora.config import DataConfig
+    from fedlora.data.tokenize import TokenizedDataset, make_collator
+
+# Tokenization needs torch: loaded on first use (PEP 562), so that importing the
+# registry of sources for config validation does not import torch.
+_LAZY = {"TokenizedDataset": "tokenize", "make_collator": "tokenize"}
+
+
+def __getattr__(name: str) -> Any:
+    """Load ``name`` from its submodule on first access."""
+    home = _LAZY.get(name)
+    if home is None:
+        raise AttributeError(f"module 'fedlora.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"fedlora.data.{home}"), name)
+
 
 __all__ = [
     "DATA_SOURCES",
@@ -38,7 +52,7 @@ __all__ = [
     "num_labels",
 ]
 
-BOTH_TASKS = ("classification", "causal_lm")
+BOTH_TASKS = TASKS
 
 
 def _load_synthetic(cfg: DataConfig, seed: int) -> datasets.Dataset:

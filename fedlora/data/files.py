@@ -1,8 +1,10 @@
 """Tabular data from a local file or the Hugging Face hub, mapped to the row schemas.
 
 Local files are read with pandas by extension (``.csv``, ``.tsv``, ``.jsonl``,
-``.json``, ``.parquet``); hub datasets with ``datasets.load_dataset``. Both go through
-the same column handling:
+``.json``, ``.parquet``); a CSV/TSV file without a header row is read with
+``data.header=false`` and ``data.columns`` naming its columns in file order. Hub
+datasets are read with ``datasets.load_dataset``. Both go through the same column
+handling (rows are counted from 1 in file order, the header not counted):
 
 - classification: ``data.text_column`` and ``data.label_column``. Integer labels must
   lie in ``[0, num_classes)``; string labels map to ids in sorted order of the distinct
@@ -15,6 +17,7 @@ the same column handling:
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,36 +30,80 @@ if TYPE_CHECKING:
     from fedlora.config import DataConfig
 
 EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+# Formats whose header row is optional (data.header); the others name their columns.
+HEADERLESS_EXTENSIONS = (".csv", ".tsv")
 
 
-def read_table(path: str) -> pd.DataFrame:
+def read_table(path: str, names: Sequence[str] = ()) -> pd.DataFrame:
     """Read a CSV/TSV/JSONL/JSON/Parquet file, chosen by extension, as strings as-is.
 
     Empty CSV/TSV cells stay empty strings (not NaN); TSV is read without quoting, as
     GLUE-style files are written; ``.json`` may hold JSON lines or one array.
+
+    Parameters
+    ----------
+    path : str
+        The file (``~`` is expanded).
+    names : Sequence[str] (default: ())
+        Column names of a CSV/TSV file without a header row, in file order (its
+        first row is then data); empty: the first row is the header.
+
+    Raises
+    ------
+    ValueError
+        Unsupported extension, ``names`` for a format that names its own columns,
+        rows with more fields than the header (or ``names``) has columns, or a
+        pandas/pyarrow parse error.
+    FileNotFoundError
+        If there is no such file.
     """
     import pandas as pd
 
-    file = Path(path)
+    file = Path(path).expanduser()
     suffix = file.suffix.lower()
     if suffix not in EXTENSIONS:
         raise ValueError(
             f"data file {path}: unsupported extension {suffix!r}; use one of "
             f"{list(EXTENSIONS)}"
         )
+    if names and suffix not in HEADERLESS_EXTENSIONS:
+        raise ValueError(
+            f"data file {path}: data.header=false is for CSV/TSV files; {suffix} "
+            "files name their own columns (drop data.header and data.columns)"
+        )
     if not file.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    if suffix == ".csv":
-        return pd.read_csv(file, keep_default_na=False)
-    if suffix == ".tsv":
-        return pd.read_csv(
-            file, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False
-        )
     if suffix == ".parquet":
         return pd.read_parquet(file)
+    if suffix in HEADERLESS_EXTENSIONS:
+        tsv = suffix == ".tsv"
+        frame = pd.read_csv(
+            file,
+            sep="\t" if tsv else ",",
+            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+            keep_default_na=False,
+            header=None if names else "infer",
+            names=list(names) if names else None,
+        )
+        _check_field_counts(frame, path, bool(names))
+        return frame
     # dtype=False keeps JSON values as written (no "1" -> 1, no date parsing).
     lines = suffix == ".jsonl" or not _starts_with_bracket(file)
     return pd.read_json(file, lines=lines, dtype=False)
+
+
+def _check_field_counts(frame: pd.DataFrame, path: str, headerless: bool) -> None:
+    """Refuse rows with more fields than columns (pandas makes them the index)."""
+    import pandas as pd
+
+    if isinstance(frame.index, pd.RangeIndex):
+        return
+    named = "data.columns names" if headerless else "the header row has"
+    raise ValueError(
+        f"data file {path}: rows have {frame.index.nlevels + frame.shape[1]} fields "
+        f"but {named} {frame.shape[1]} columns {[str(c) for c in frame.columns]}; "
+        "quote fields that contain the separator, or name every column"
+    )
 
 
 def _starts_with_bracket(file: Path) -> bool:
@@ -84,7 +131,7 @@ def needed_columns(columns: list[str], cfg: DataConfig, origin: str) -> list[str
             if col not in columns:
                 raise ValueError(
                     f"{origin}: column {col!r} (data.{key}) is missing; the columns "
-                    f"are {columns}"
+                    f"are {columns}; set data.{key}=<one of them>"
                 )
         return [cfg.text_column, cfg.label_column]
     if {"instruction", "output"} <= set(columns):
@@ -96,7 +143,7 @@ def needed_columns(columns: list[str], cfg: DataConfig, origin: str) -> list[str
     raise ValueError(
         f"{origin}: causal_lm data needs columns instruction,output (+input), "
         f"prompt,completion or {cfg.text_column!r} (data.text_column); the columns "
-        f"are {columns}"
+        f"are {columns}; rename them or set data.text_column=<one of them>"
     )
 
 
@@ -119,6 +166,34 @@ def normalise(frame: pd.DataFrame, cfg: DataConfig, origin: str) -> datasets.Dat
     """
     import datasets
 
+    return datasets.Dataset.from_dict(table_rows(frame, cfg, origin))
+
+
+def table_rows(
+    frame: pd.DataFrame, cfg: DataConfig, origin: str
+) -> dict[str, list[Any]]:
+    """Build the columns of :func:`normalise`'s rows as lists (no ``datasets``).
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        The raw table, one example per row.
+    cfg : DataConfig
+        Task, column names and number of classes.
+    origin : str
+        File path or dataset id, quoted in errors.
+
+    Returns
+    -------
+    dict[str, list]
+        ``{"text": [...], "label": [...]}`` or ``{"prompt": [...], "completion":
+        [...]}``, in file order.
+
+    Raises
+    ------
+    ValueError
+        A column is missing or the labels are unusable, naming column, row and fix.
+    """
     columns = needed_columns([str(c) for c in frame.columns], cfg, origin)
     if cfg.task == "classification":
         texts = _strings(frame[cfg.text_column])
@@ -128,7 +203,7 @@ def normalise(frame: pd.DataFrame, cfg: DataConfig, origin: str) -> datasets.Dat
             cfg.num_classes,
             f"{origin}: column {cfg.label_column!r}",
         )
-        return datasets.Dataset.from_dict({"text": texts, "label": labels})
+        return {"text": texts, "label": labels}
     if columns[0] == "instruction":
         inputs = _strings(frame["input"]) if "input" in columns else [""] * len(frame)
         prompts = [
@@ -141,7 +216,7 @@ def normalise(frame: pd.DataFrame, cfg: DataConfig, origin: str) -> datasets.Dat
     else:
         completions = _strings(frame[cfg.text_column])
         prompts = [""] * len(completions)
-    return datasets.Dataset.from_dict({"prompt": prompts, "completion": completions})
+    return {"prompt": prompts, "completion": completions}
 
 
 def _strings(column: pd.Series) -> list[str]:
@@ -165,9 +240,18 @@ def label_ids(values: list[Any], num_classes: int, where: str) -> list[int]:
     -------
     list[int]
         Class ids; strings map to their index among the sorted distinct strings.
+
+    Raises
+    ------
+    ValueError
+        Naming the first offending row (from 1, in file order) and the fix.
     """
-    if any(v is None or v == "" for v in values):
-        raise ValueError(f"{where}: some rows have no label")
+    empty = [i for i, v in enumerate(values) if v is None or v == ""]
+    if empty:
+        raise ValueError(
+            f"{where}: some rows have no label ({_rows(empty)}); fill them in or drop "
+            "those rows"
+        )
     if all(isinstance(v, str) for v in values):
         if all(v.strip().lstrip("-").isdigit() for v in values):
             values = [int(v) for v in values]
@@ -180,21 +264,41 @@ def label_ids(values: list[Any], num_classes: int, where: str) -> list[int]:
                 )
             index = {name: i for i, name in enumerate(names)}
             return [index[v] for v in values]
-    if any(isinstance(v, str) or float(v) != int(v) for v in values):
-        raise ValueError(f"{where}: labels mix strings and numbers or are not integers")
-    ids = [int(v) for v in values]
-    bad = sorted({i for i in ids if not 0 <= i < num_classes})
-    if bad:
+    odd = [i for i, v in enumerate(values) if isinstance(v, str) or float(v) != int(v)]
+    if odd:
         raise ValueError(
-            f"{where}: labels {bad[:10]} are outside [0, {num_classes}); raise "
-            "data.num_classes or relabel the data"
+            f"{where}: labels mix strings and numbers or are not integers ("
+            f"{_rows(odd)}, value {values[odd[0]]!r}); use integer class ids in "
+            f"[0, {num_classes}) or class names (strings) throughout"
+        )
+    ids = [int(v) for v in values]
+    outside = [i for i, v in enumerate(ids) if not 0 <= v < num_classes]
+    if outside:
+        bad = sorted({ids[i] for i in outside})
+        raise ValueError(
+            f"{where}: labels {bad[:10]} are outside [0, {num_classes}) ("
+            f"{_rows(outside)}); raise data.num_classes or relabel the data"
         )
     return ids
 
 
+def _rows(indices: list[int]) -> str:
+    """Name rows from 1: ``"data row 3"``, ``"data rows 3, 7, ... (12 rows)"``."""
+    shown = ", ".join(str(i + 1) for i in indices[:5])
+    if len(indices) == 1:
+        return f"data row {shown}"
+    more = ", ..." if len(indices) > 5 else ""
+    return f"data rows {shown}{more} ({len(indices)} rows)"
+
+
+def file_columns(cfg: DataConfig) -> tuple[str, ...]:
+    """``names`` for :func:`read_table`: ``data.columns`` of a headerless file."""
+    return () if cfg.header else cfg.columns
+
+
 def load_file(path: str, cfg: DataConfig) -> datasets.Dataset:
     """Normalised rows of a local file (the whole file, in file order)."""
-    return normalise(read_table(path), cfg, f"data file {path}")
+    return normalise(read_table(path, file_columns(cfg)), cfg, f"data file {path}")
 
 
 def load_local(cfg: DataConfig, seed: int) -> datasets.Dataset:

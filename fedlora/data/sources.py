@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 CLASSIFICATION_COLUMNS = ("text", "label")
 CAUSAL_COLUMNS = ("prompt", "completion")
 SCHEMAS = {"classification": CLASSIFICATION_COLUMNS, "causal_lm": CAUSAL_COLUMNS}
+# The tasks (``data.task``): one row schema each.
+TASKS = tuple(SCHEMAS)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Privacy accounting that survives rounds and restarts, and noise calibration.
 
-A client's epsilon covers every DP-SGD step it has ever taken (algorithms.md §7):
-the ledger keeps Opacus' accountant history ``[(sigma, q, steps), ...]`` and is
-serialised into Flower's ``context.state`` and a state file between rounds, never
-rebuilt from scratch (STYLE "Resetting privacy accounting every round").
+A client's epsilon covers every DP-SGD step it has ever taken (privacy composes
+over all its rounds): the ledger keeps Opacus' accountant history
+``[(sigma, q, steps), ...]`` and is serialised into Flower's ``context.state`` and
+a state file between rounds, never rebuilt from scratch (a fresh accountant each
+round would under-report epsilon).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from typing import Any
 from torch import nn
 
 # grad_sample_mode -> force_functorch flag of GradSampleModule; first is the default.
-# "ghost" (needs a criterion wrapper) and "ew" (positional inputs, O4) are not offered.
+# "ghost" (needs a criterion wrapper) and "ew" (its wrapper takes the inputs only
+# positionally, not as HF keyword arguments) are not offered.
 GRAD_SAMPLE_MODES = {"hooks": False, "functorch": True}
 
 

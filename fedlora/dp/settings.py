@@ -31,7 +31,7 @@ def check_sample_rate(sample_rate: float) -> None:
 
 @dataclass(frozen=True)
 class DPSettings:
-    """Sample-level DP-SGD of one client (algorithms.md §1.3).
+    """Sample-level DP-SGD of one client (Poisson batches, per-sample clip, noise).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""One client's sample-level DP-SGD (Opacus) over K local steps (algorithms.md §1.3).
+"""One client's sample-level DP-SGD (Opacus) over K local steps.
 
 Each step: a Poisson batch (:func:`poisson_batch`), per-sample gradients of each
 example's own loss (:func:`per_sample_loss`) on the currently trainable tensors,
@@ -157,7 +157,8 @@ class DPTrainer:
         A Hugging Face / PEFT model returning ``.logits``. Every tensor that will
         ever be trained this round must have ``requires_grad`` now (both LoRA
         factors for alternating schemes; Opacus hooks only modules trainable at
-        wrap time, stack-notes P2); toggle ``requires_grad`` between steps freely.
+        wrap time, so a factor unfrozen later would get no per-sample gradients);
+        toggle ``requires_grad`` between steps freely.
     settings : DPSettings
         sigma, C, q, delta, accountant and the expected batch size b.
     ledger : PrivacyLedger
@@ -317,8 +318,9 @@ class DPTrainer:
         active = self._active()
         self._clear()
         if len(batch["labels"]) == 0:
-            # An HF forward on 0 examples raises (O10); the step must still add
-            # noise and be counted, so give every active tensor 0 per-sample grads.
+            # An HF forward on 0 examples raises (cannot reshape an empty tensor);
+            # skipping the step would under-count epsilon, so it must still add
+            # noise and be counted: give every active tensor 0 per-sample grads.
             for p in active.values():
                 empty = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                 setattr(p, "grad_sample", empty)  # noqa: B010
@@ -331,7 +333,7 @@ class DPTrainer:
             if missing:
                 raise RuntimeError(
                     f"Opacus computed no per-sample gradient for {missing[:3]} "
-                    "(gradient checkpointing on? stack-notes O9)"
+                    "(gradient checkpointing on? Opacus gets none through it)"
                 )
         self._optimizer.pre_step()  # clip, sum, add noise, divide by b -> p.grad
         self.ledger.step(self.settings.noise_multiplier, self.settings.sample_rate)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedlora.adapters import A_SUFFIX, B_SUFFIX, StateDict, matrix_names
+from fedlora.lora.state import A_SUFFIX, B_SUFFIX, StateDict, matrix_names
 from fedlora.she.columns import (
     adapter_column_scores,
     column_scores,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.adapters import adapter_state
-from fedlora.client import evaluate_round, train_round
-from fedlora.configtools import build_config
-from fedlora.runtime import model_bundle
-from fedlora.site import SiteConfig
+from fedlora.cache import model_bundle
+from fedlora.client.round import evaluate_round, train_round
+from fedlora.client.site import SiteConfig
+from fedlora.config.flat import build_config
+from fedlora.lora.state import adapter_state
 from strategies.config import ExperimentConfig
 
 CFG = build_config(
@@ -118,10 +118,10 @@ def test_local_file_with_custom_columns_trains(tmp_path, suffix: str) -> None:  
 
 
 def test_site_rank_comes_from_node_config_then_client_ranks() -> None:
-    from fedlora.client import site_rank
+    from fedlora.client.round import site_rank
+    from fedlora.client.site import SiteConfig
     from fedlora.config import AdapterConfig, ClientConfig, FederationConfig
-    from fedlora.configtools import ConfigError
-    from fedlora.site import SiteConfig
+    from fedlora.config.flat import ConfigError
 
     cfg = ClientConfig(
         adapter=AdapterConfig(rank=16),
@@ -136,7 +136,7 @@ def test_site_rank_comes_from_node_config_then_client_ranks() -> None:
 def test_a_site_refuses_a_base_model_other_than_the_servers() -> None:
     import dataclasses
 
-    from fedlora.client import check_base_model
+    from fedlora.client.round import check_base_model
     from fedlora.fingerprint import base_fingerprint
 
     server = base_fingerprint(model_bundle(CFG).model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedlora.config import AdapterConfig, ClientConfig, FederationConfig, ModelConfig
-from fedlora.configtools import ConfigError, build_config, flatten_config
+from fedlora.config.flat import ConfigError, build_config, flatten_config
 
 
 def test_flatten_and_build_round_trip() -> None:

@@ -251,7 +251,7 @@ def _independent_rdp_epsilon(sigma: float, q: float, steps: int, delta: float) -
 
 
 def test_rdp_epsilon_matches_golden_value() -> None:
-    """stack-notes O7: sigma=1, q=8/64, 5 steps, delta=1e-5 -> epsilon 3.345."""
+    """Known Opacus RDP value: sigma=1, q=8/64, 5 steps, delta=1e-5 -> epsilon 3.345."""
     ledger = PrivacyLedger("rdp", 1e-5)
     ledger.step(1.0, 8 / 64, n=5)
     assert ledger.epsilon() == pytest.approx(3.345, abs=5e-4)
@@ -336,8 +336,8 @@ def test_poisson_batch_is_seeded_and_may_be_empty() -> None:
 
 @pytest.mark.parametrize("task", TASKS)
 def test_empty_batch_adds_noise_and_counts_as_a_step(task: str) -> None:
-    """O10: no forward (HF raises on 0 examples), yet noise moves the parameters
-    and the ledger records the step."""
+    """No forward (HF raises on 0 examples), yet noise moves the parameters and the
+    ledger records the step (skipping it would under-count epsilon)."""
     model = _model(task)
     before = {n: p.detach().clone() for n, p in _trainable(model).items()}
     trainer = _trainer(model, _settings(noise_multiplier=1.0, max_grad_norm=1.0))
@@ -354,7 +354,8 @@ def test_empty_batch_adds_noise_and_counts_as_a_step(task: str) -> None:
 
 def test_alternating_factors_step_only_the_active_one() -> None:
     """Wrap with A and B trainable, then freeze one per step: the frozen factor
-    gets no grad, no noise and no weight decay (P1, P2)."""
+    gets no grad, no noise and no weight decay (Opacus noises only trainable
+    tensors, and hooks only those trainable at wrap time)."""
     task = "causal_lm"
     model = _model(task)
     trainer = _trainer(

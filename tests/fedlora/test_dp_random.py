@@ -15,14 +15,14 @@ import torch
 from scipy import stats
 
 import fedlora.dp.randomness as randomness
-from fedlora.adapters import adapter_state
-from fedlora.client import train_round
-from fedlora.configtools import build_config
+from fedlora.cache import model_bundle
+from fedlora.client.round import train_round
+from fedlora.client.site import SiteConfig
+from fedlora.config.flat import build_config
 from fedlora.data.tokenize import Collator
 from fedlora.dp import DPSettings, DPTrainer, PrivacyLedger, poisson_batch
 from fedlora.dp.randomness import SecureRandom, TorchRandom
-from fedlora.runtime import model_bundle
-from fedlora.site import SiteConfig
+from fedlora.lora.state import adapter_state
 from strategies.config import ExperimentConfig
 
 

@@ -1,4 +1,4 @@
-"""Base model loading, the 4-bit CPU gradient guard (P1) and adapter round trips."""
+"""Base model loading, the 4-bit CPU gradient guard and adapter round trips."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora.adapters import adapter_state, load_adapter_state
 from fedlora.config import AdapterConfig, ModelConfig
+from fedlora.lora.state import adapter_state, load_adapter_state
 from fedlora.models import load_base_model, wrap_lora
 
 pytestmark = pytest.mark.bnb
@@ -57,7 +57,7 @@ def test_nf4_base_is_4bit_and_only_lora_trains() -> None:
 
 
 def test_4bit_gradients_survive_a_no_grad_forward() -> None:
-    """P1: an eval forward must not repack weights and corrupt later gradients."""
+    """An eval forward must not repack 4-bit weights and corrupt later gradients."""
     import bitsandbytes as bnb
 
     fresh = _tiny()
@@ -102,7 +102,7 @@ def test_guard_detects_the_bug_without_the_fix() -> None:
         if isinstance(m, bnb.nn.Linear4bit)
         and getattr(m.weight.quant_state, "packing_format_for_cpu", False)
     ]
-    assert packed, "bitsandbytes no longer repacks; the P1 fix may be obsolete"
+    assert packed, "bitsandbytes no longer repacks; the repacking fix may be obsolete"
 
 
 def test_adapter_save_load_round_trip(tmp_path: Path) -> None:

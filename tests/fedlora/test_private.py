@@ -8,13 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora.adapters import adapter_state, factor_of, load_adapter_state
-from fedlora.client import train_round
-from fedlora.configtools import build_config
+from fedlora.cache import collator, model_bundle, partition_dataset
+from fedlora.client.private_round import (
+    dp_settings,
+    ledger_path,
+    load_ledger,
+    planned_steps,
+)
+from fedlora.client.round import train_round
+from fedlora.client.site import SiteConfig
+from fedlora.config.flat import build_config
 from fedlora.dp import PrivacyLedger, per_sample_loss, poisson_batch
-from fedlora.private import dp_settings, ledger_path, load_ledger, planned_steps
-from fedlora.runtime import collator, model_bundle, partition_dataset
-from fedlora.site import SiteConfig
+from fedlora.lora.state import adapter_state, factor_of, load_adapter_state
 from fedlora.train import derive_seed
 from strategies.config import ExperimentConfig
 

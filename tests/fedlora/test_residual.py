@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from fedlora.adapters import adapter_state
-from fedlora.configtools import build_config
-from fedlora.residual import set_residual, write_residual_adapter
-from fedlora.runtime import model_bundle
+from fedlora.cache import model_bundle
+from fedlora.config.flat import build_config
+from fedlora.lora.residual import set_residual, write_residual_adapter
+from fedlora.lora.state import adapter_state
 from strategies.config import ExperimentConfig
 
 CFG = build_config(

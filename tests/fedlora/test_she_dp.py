@@ -1,6 +1,6 @@
 """SHE-LoRA negotiation under DP: what a client sends depends on no raw example.
 
-Drives the real ClientApp (``fedlora.client_app.app``) with the two query messages
+Drives the real ClientApp (``fedlora.client.app.app``) with the two query messages
 the server sends before round 1 (``site``, then ``she-sensitivity``), exactly as
 ``HeteroRankLora.query`` builds them. One site, the same config and adapter, two
 different local datasets of the same size: with ``privacy=dp`` every negotiation
@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from fedlora.adapters import A_SUFFIX, adapter_state, matrix_names
-from fedlora.client import for_site
-from fedlora.client_app import app
+from fedlora.cache import model_bundle
+from fedlora.client.app import app
+from fedlora.client.round import for_site
+from fedlora.client.site import SiteConfig
 from fedlora.config import ClientConfig
-from fedlora.configtools import build_config, flatten_config
-from fedlora.runtime import model_bundle
-from fedlora.site import SiteConfig
+from fedlora.config.flat import build_config, flatten_config
+from fedlora.lora.state import A_SUFFIX, adapter_state, matrix_names
+from fedlora.protocol import QUERY
 from strategies.config import ExperimentConfig
-from strategies.hetero_base import QUERY_KEY
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -84,7 +84,7 @@ def _negotiation(run_config: dict[str, Any], data: Path) -> dict[str, Any]:
     out = {}
     for kind in KINDS:
         query = Message(
-            RecordDict({"config": ConfigRecord({QUERY_KEY: kind})}),
+            RecordDict({"config": ConfigRecord({QUERY: kind})}),
             dst_node_id=0,
             message_type=MessageType.QUERY,
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lowrank_reference import mean_update
 
 from fedlora.she.client import encrypt_upload, merged_updates
 from fedlora.she.columns import (
@@ -31,7 +32,6 @@ from fedlora.she.packing import (
     encrypt_columns,
     num_chunks,
 )
-from strategies.hetero import mean_update
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from fedlora.adapters import adapter_state, factor_of, fingerprint
-from fedlora.client import train_round
-from fedlora.configtools import build_config
-from fedlora.runtime import model_bundle
-from fedlora.site import SiteConfig
-from fedlora.variants import VARIANTS
+from fedlora.cache import model_bundle
+from fedlora.client.round import train_round
+from fedlora.client.site import SiteConfig
+from fedlora.config.flat import build_config
+from fedlora.lora.state import adapter_state, factor_of, fingerprint
+from fedlora.lora.variants import VARIANTS
 from strategies.aggregation import weighted_mean
 from strategies.config import ExperimentConfig
 

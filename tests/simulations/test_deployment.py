@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.configtools import build_config
+from fedlora.config.flat import build_config
 from simulations.deployment import (
     LocalDeployment,
     connection_toml,

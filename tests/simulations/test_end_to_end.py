@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from fedlora.configtools import build_config
-from fedlora.runtime import collator, heldout_dataset
+from fedlora.cache import collator, heldout_dataset
+from fedlora.config.flat import build_config
 from fedlora.train import evaluate
 from strategies.config import ExperimentConfig
 
@@ -119,9 +119,9 @@ def test_one_client_one_round_equals_plain_local_training(tmp_path: Path) -> Non
     """Federation with 1 client and 1 round = the same steps trained locally."""
     from safetensors.torch import load_file
 
-    from fedlora.adapters import adapter_state
+    from fedlora.cache import partition_dataset
+    from fedlora.lora.state import adapter_state
     from fedlora.models import load_base_model, wrap_lora
-    from fedlora.runtime import partition_dataset
     from fedlora.train import derive_seed, train_local
 
     overrides = {

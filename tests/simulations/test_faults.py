@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.configtools import build_config
+from fedlora.config.flat import build_config
 from simulations.deployment import LocalDeployment
 from simulations.experiment import write_run_config
 from strategies.config import ExperimentConfig

@@ -76,9 +76,9 @@ def test_flora_run_saves_an_adapter_that_reproduces_the_servers_accuracy(
     import torch
     from peft import PeftModel
 
-    from fedlora.configtools import build_config
+    from fedlora.cache import collator, heldout_dataset
+    from fedlora.config.flat import build_config
     from fedlora.models import load_base_model
-    from fedlora.runtime import collator, heldout_dataset
     from fedlora.train import evaluate
     from strategies.config import ExperimentConfig
 

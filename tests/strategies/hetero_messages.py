@@ -20,9 +20,9 @@ from flwr.app import (
 )
 from torch import Tensor
 
-from fedlora.adapters import A_SUFFIX, B_SUFFIX
+from fedlora.client.she import sealed_reply
 from fedlora.config import AdapterConfig, ClientConfig
-from fedlora.she.flower import sealed_reply
+from fedlora.lora.state import A_SUFFIX, B_SUFFIX
 from strategies.she_lora import SheLora
 
 HEAD = "h.classifier.weight"

@@ -18,7 +18,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedlora.adapters import from_record
+from fedlora.lora.state import from_record
 from strategies.aggregation import weighted_mean
 from strategies.fedavg_lora import FedAvgLora
 

@@ -20,18 +20,18 @@ from flwr.app import (
     RecordDict,
 )
 from hetero_messages import HEAD, lora_state, she_reply, train_metrics, train_reply
+from lowrank_reference import mean_update
 
-from fedlora.adapters import from_record
+from fedlora.client.she import received_state
 from fedlora.config import AdapterConfig, ClientConfig
-from fedlora.lowrank import best_rank_factors
-from fedlora.she.flower import received_state
+from fedlora.lora.rank import best_rank_factors
+from fedlora.lora.state import from_record
 from fedlora.she.keys import HEContextError, create_contexts, load_secret_context
 from strategies.aggregation import weighted_mean
 from strategies.flexlora import FlexLora
 from strategies.flora import Flora
-from strategies.hetero import mean_update
-from strategies.hetero_base import NodeInfo
 from strategies.hetlora import HetLora
+from strategies.rank_aware import NodeInfo
 from strategies.she_lora import SheLora
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

@@ -18,9 +18,9 @@ from flwr.app import (
 )
 from hetero_messages import lora_state, train_metrics, train_reply
 
-from fedlora.adapters import from_record
-from strategies.hetero_base import NodeInfo
+from fedlora.lora.state import from_record
 from strategies.hetlora import HetLora
+from strategies.rank_aware import NodeInfo
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

@@ -17,15 +17,16 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message
 from hetero_messages import lora_state, she_reply
+from lowrank_reference import mean_update
 from torch import Tensor
 
-from fedlora.adapters import A_SUFFIX, B_SUFFIX, from_record
+from fedlora.client.she import received_state, received_updates
 from fedlora.config import AdapterConfig, ClientConfig
-from fedlora.lowrank import best_rank_factors
-from fedlora.she.flower import PLAIN, received_state, received_updates
+from fedlora.lora.rank import best_rank_factors
+from fedlora.lora.state import A_SUFFIX, B_SUFFIX, from_record
+from fedlora.protocol import SHE_PLAIN
 from fedlora.she.keys import create_contexts, load_secret_context
-from strategies.hetero import mean_update
-from strategies.hetero_base import NodeInfo
+from strategies.rank_aware import NodeInfo
 from strategies.she_lora import SheLora
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -132,7 +133,7 @@ def test_client_rebuilds_the_exact_mean_before_its_own_truncation(
             assert state[n + A_SUFFIX].shape == (rank, N)
             assert _rel(got, b @ a) < 1e-5, (node, n, _rel(got, b @ a))
         # sent at the rank the sum has, min(sum r_i, m, n), not at MAX_RANK
-        sent = from_record(content.array_records[PLAIN])
+        sent = from_record(content.array_records[SHE_PLAIN])
         assert sent["x" + B_SUFFIX].shape == (M, sum(RANKS.values()))
 
 

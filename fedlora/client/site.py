@@ -10,19 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedlora.configtools import ConfigError
-
-NODE_KEYS = (
-    "partition-id",
-    "num-partitions",
-    "data-path",
-    "device",
-    "state-dir",
-    "rank",
-    "he-budget",
-    "he-secret-context",
-    "model-path",
-)
+from fedlora.config.flat import ConfigError
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedlora.adapters import pairs_state
+from fedlora.lora.rank import pad_rank
+from fedlora.lora.state import pairs_state
 
 Residual = Mapping[str, tuple[Tensor, Tensor]]  # matrix name -> (B_res, A_res)
 # Message record that carries the residual (``adapters.pairs_state`` layout).
-RESIDUAL_RECORD = "flora-residual"
+
 _HANDLES = "_fedlora_residual_hooks"
 
 
@@ -74,10 +75,7 @@ def write_residual_adapter(path: Any, residual: Residual) -> int:
     rank = max((b.shape[1] for b, _ in residual.values()), default=0)
     padded = {}
     for name, (b, a) in residual.items():
-        pad_b = torch.zeros(b.shape[0], rank)
-        pad_a = torch.zeros(rank, a.shape[1])
-        pad_b[:, : b.shape[1]] = b
-        pad_a[: a.shape[0], :] = a
+        pad_b, pad_a = pad_rank(b.float(), a.float(), rank)
         padded[name] = (pad_b.contiguous(), pad_a.contiguous())
     weights.update(pairs_state(padded))
     save_file(weights, str(root / "adapter_model.safetensors"))

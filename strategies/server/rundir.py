@@ -1,6 +1,6 @@
 """The run directory: config.yaml, metrics.jsonl, summary.json, adapter/, checkpoints/.
 
-Layout (DESIGN.md "Run directory")::
+Layout (one directory per run or per sweep job)::
 
     <run>/config.yaml        resolved experiment config
     <run>/metrics.jsonl      one JSON object per round (round 0 = before training)

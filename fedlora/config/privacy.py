@@ -1,14 +1,14 @@
-"""Typed, validated ``privacy`` group (split from ``fedlora.config`` for size)."""
+"""Typed, validated ``privacy`` group: DP mode, budget, clipping, accountant."""
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
 
-from fedlora.configtools import ConfigError, check_choice, check_range
+from fedlora.config.flat import ConfigError, check_choice, check_range
+from fedlora.dp.settings import ACCOUNTANTS
 
 PRIVACY_MODES = ("none", "dp")
-ACCOUNTANTS = ("rdp", "prv")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -39,7 +39,10 @@ class PrivacyConfig:
     max_grad_norm: float = field(
         default=1.0, metadata=_help("Per-sample clipping norm C (inf = no clipping).")
     )
-    accountant: str = field(default="rdp", metadata=_help("rdp or prv."))
+    accountant: str = field(
+        default="rdp",
+        metadata=_help(f"Privacy accountant: {' or '.join(ACCOUNTANTS)}."),
+    )
     secure_rng: bool = field(
         default=False,
         metadata=_help(

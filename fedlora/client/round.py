@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from fedlora.adapters import (
+from fedlora.cache import collator, model_bundle, partition_dataset, set_trainable
+from fedlora.client.site import SiteConfig
+from fedlora.config import ClientConfig
+from fedlora.config.flat import ConfigError
+from fedlora.lora.residual import Residual, set_residual
+from fedlora.lora.state import (
     A_SUFFIX,
     StateDict,
     adapter_state,
@@ -23,11 +28,7 @@ from fedlora.adapters import (
     load_adapter_state,
     select,
 )
-from fedlora.config import ClientConfig
-from fedlora.configtools import ConfigError
-from fedlora.residual import Residual, set_residual
-from fedlora.runtime import collator, model_bundle, partition_dataset, set_trainable
-from fedlora.site import SiteConfig
+from fedlora.lora.variants import VARIANTS
 from fedlora.train import (
     EvalResult,
     TrainResult,
@@ -36,11 +37,10 @@ from fedlora.train import (
     step_rule,
     train_local,
 )
-from fedlora.variants import VARIANTS
 
 if TYPE_CHECKING:
     from fedlora.dp import PrivacyLedger
-    from fedlora.private import PrivacyReport
+    from fedlora.protocol import PrivacyReport
 
 
 class RoundOutcome(NamedTuple):
@@ -89,7 +89,8 @@ def check_rank(cfg: ClientConfig, received: Mapping[str, Tensor]) -> None:
                 f"the server sent rank-{tensor.shape[0]} LoRA factors but this site "
                 f"trains at rank {cfg.adapter.rank} (node-config rank / "
                 "federation.client_ranks). strategy=fedavg needs one rank everywhere; "
-                "use strategy=hetlora, flora, flexlora or she_lora for mixed ranks"
+                "mixed ranks need a strategy registered with rank_aware=True in "
+                "strategies/registry.py"
             )
 
 
@@ -129,7 +130,7 @@ def train_round(
     if cfg.privacy.mode == "dp":
         if ledger is None:
             raise ValueError("privacy.mode='dp' needs the client's PrivacyLedger")
-        from fedlora.private import dp_train_round
+        from fedlora.client.private_round import dp_train_round
 
         return RoundOutcome(*dp_train_round(cfg, site, server_round, ledger))
     variant = VARIANTS.get(cfg.adapter.variant)
@@ -209,7 +210,7 @@ def column_scores_for_site(
     adapter the site holds (``fedlora.she.client.private_sensitivity``), so what
     the site sends is not a function of its data.
     """
-    from fedlora.adapters import matrix_names
+    from fedlora.lora.state import matrix_names
     from fedlora.she.client import input_norms, private_sensitivity, sensitivity
     from fedlora.train import to_device
 

@@ -17,15 +17,16 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedlora.adapters import StateDict, from_record, load_adapter_state, to_record
+from fedlora import protocol as proto
+from fedlora.cache import collator, heldout_dataset, model_bundle
 from fedlora.fingerprint import base_fingerprint
-from fedlora.residual import Residual, set_residual, write_residual_adapter
-from fedlora.runtime import collator, heldout_dataset, model_bundle
+from fedlora.lora.residual import Residual, set_residual, write_residual_adapter
+from fedlora.lora.state import StateDict, from_record, load_adapter_state, to_record
 from fedlora.train import EvalResult, evaluate
-from strategies.checkpoint import resume_point, save_checkpoint
 from strategies.config import ExperimentConfig
 from strategies.fedavg_lora import FedAvgLora
-from strategies.rundir import RunDir
+from strategies.server.checkpoint import resume_point, save_checkpoint
+from strategies.server.rundir import RunDir
 
 
 class CentralEvaluator:
@@ -57,11 +58,11 @@ class CentralEvaluator:
 
     def config(self) -> ConfigRecord:
         """Per-round message config: the base model's fingerprint for the sites."""
-        return ConfigRecord({"base-fingerprint": self.fingerprint})
+        return ConfigRecord({proto.BASE_FINGERPRINT: self.fingerprint})
 
     def initial_state(self) -> StateDict:
         """Return the freshly initialised adapter (A random from the seed, B zero)."""
-        from fedlora.adapters import adapter_state
+        from fedlora.lora.state import adapter_state
 
         return adapter_state(self.bundle.model)
 
@@ -162,8 +163,9 @@ def run_federation(
         state = from_record(arrays)
         eval_start = time.perf_counter()
         if strategy.server_can_evaluate:
-            central = evaluator.fields(state, strategy.residual)
-            evaluator.save(state, run_dir.checkpoint_dir(rnd), strategy.residual)
+            residual = strategy.base_residual()
+            central = evaluator.fields(state, residual)
+            evaluator.save(state, run_dir.checkpoint_dir(rnd), residual)
         else:  # only key holders can rebuild the model: federated evaluation only
             central = _eval_fields(None)
             run_dir.checkpoint_dir(rnd).mkdir(parents=True, exist_ok=True)
@@ -216,5 +218,5 @@ def _federated_evaluation(
     return {
         f"fed_{k.replace('-', '_')}": v
         for k, v in metrics.items()
-        if k != "num-examples"
+        if k != proto.NUM_EXAMPLES
     }

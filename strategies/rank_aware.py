@@ -20,21 +20,21 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import Tensor
 
-from fedlora.adapters import (
+from fedlora import protocol as proto
+from fedlora.lora.rank import lora_scale, truncate_rank
+from fedlora.lora.state import (
     A_SUFFIX,
     B_SUFFIX,
     StateDict,
+    factor_pairs,
     from_record,
     matrix_names,
     to_record,
 )
-from fedlora.lowrank import lora_scale
 from strategies.aggregation import weighted_mean
 from strategies.config import ExperimentConfig
 from strategies.fedavg_lora import FedAvgLora, metric
 from strategies.validation import reply_problem
-
-QUERY_KEY = "fedlora-query"
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,10 @@ def truncate_state(
     ``b_factor`` multiplies the kept ``B`` columns (HetLoRA's ``s_max / s_i``, so a
     client whose LoRA scale differs from the global one gets the same update).
     """
-    out: StateDict = {}
-    for k, v in state.items():
-        if k.endswith(A_SUFFIX):
-            out[k] = v[:rank, :].clone()
-        elif k.endswith(B_SUFFIX):
-            out[k] = v[:, :rank] * b_factor if b_factor != 1.0 else v[:, :rank].clone()
-        else:
-            out[k] = v.clone()
+    out: StateDict = {k: v.clone() for k, v in state.items()}
+    for name, (b, a) in factor_pairs(state).items():
+        b_r, a_r = truncate_rank(b, a, rank, b_factor=b_factor)
+        out[name + B_SUFFIX], out[name + A_SUFFIX] = b_r, a_r
     return out
 
 
@@ -136,7 +132,7 @@ class HeteroRankLora(FedAvgLora):
         """Send a ``kind`` query to ``node_ids``; return the replies without error."""
         messages = [
             Message(
-                RecordDict({"config": ConfigRecord({QUERY_KEY: kind})}),
+                RecordDict({proto.CONFIG: ConfigRecord({proto.QUERY: kind})}),
                 dst_node_id=node,
                 message_type=MessageType.QUERY,
             )
@@ -146,7 +142,13 @@ class HeteroRankLora(FedAvgLora):
         for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log(WARNING, "Query %s: node %d failed: %s", kind, node, reply.error)
+                log(
+                    WARNING,
+                    "fedlora: query %s: node %d failed: %s",
+                    kind,
+                    node,
+                    reply.error,
+                )
                 continue
             replies[node] = reply
         return replies
@@ -155,15 +157,15 @@ class HeteroRankLora(FedAvgLora):
         """Ask unknown nodes for their rank and HE budget; return usable nodes."""
         unknown = [n for n in node_ids if n not in self.nodes]
         if unknown:
-            for node, reply in self.query(grid, unknown, "site").items():
-                m = reply.content.metric_records["site"]
-                rank = int(metric(m, "rank"))
+            for node, reply in self.query(grid, unknown, proto.QUERY_SITE).items():
+                m = reply.content.metric_records[proto.SITE]
+                rank = int(metric(m, proto.RANK))
                 if not 1 <= rank <= self.max_rank:
                     log(
                         WARNING,
-                        "Node %d reports LoRA rank %d, outside [1, %d] (the global "
-                        "rank adapter.rank); it is left out. Lower its node-config "
-                        "rank or raise adapter.rank",
+                        "fedlora: node %d reports LoRA rank %d, outside [1, %d] (the "
+                        "global rank adapter.rank); it is left out. Lower its "
+                        "node-config rank or raise adapter.rank",
                         node,
                         rank,
                         self.max_rank,
@@ -171,8 +173,8 @@ class HeteroRankLora(FedAvgLora):
                     continue
                 self.nodes[node] = NodeInfo(
                     rank=rank,
-                    he_budget=int(metric(m, "he-budget", 0)),
-                    partition_id=int(metric(m, "partition-id", -1)),
+                    he_budget=int(metric(m, proto.HE_BUDGET, 0)),
+                    partition_id=int(metric(m, proto.PARTITION_ID, -1)),
                 )
             log(
                 INFO,
@@ -202,8 +204,8 @@ class HeteroRankLora(FedAvgLora):
         """Train/evaluate message content for ``node``."""
         return RecordDict(
             {
-                "arrays": to_record(self.client_state(server_round, node)),
-                "config": config,
+                proto.ARRAYS: to_record(self.client_state(server_round, node)),
+                proto.CONFIG: config,
             }
         )
 
@@ -214,7 +216,7 @@ class HeteroRankLora(FedAvgLora):
         config: ConfigRecord,
         message_type: str,
     ) -> list[Message]:
-        config["server-round"] = server_round
+        config[proto.SERVER_ROUND] = server_round
         return [
             Message(
                 self.node_content(server_round, node, config),
@@ -269,7 +271,7 @@ class HeteroRankLora(FedAvgLora):
         self, server_round: int, replies: list[Message], weights: list[float]
     ) -> StateDict:
         """Merge the head by FedAvg and every adapted matrix by ``merge_factors``."""
-        states = [from_record(m.content.array_records["arrays"]) for m in replies]
+        states = [from_record(m.content.array_records[proto.ARRAYS]) for m in replies]
         ranks = [self.nodes[m.metadata.src_node_id].rank for m in replies]
         glob = self._global()
         new = dict(glob)

@@ -21,11 +21,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from fedlora.adapters import StateDict
-from fedlora.configtools import ConfigError, flatten_config
+from fedlora.config.flat import ConfigError, flatten_config
+from fedlora.lora.state import StateDict
 from strategies.config import ExperimentConfig
 from strategies.fedavg_lora import FedAvgLora
-from strategies.rundir import RunDir
+from strategies.server.rundir import RunDir
 
 GLOBAL_FILE = "global.safetensors"
 STRATEGY_FILE = "strategy.pt"

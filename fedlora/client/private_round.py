@@ -17,13 +17,14 @@ are seeded from the run seed, so such runs are reproducible.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from flwr.app import ConfigRecord, Context
 from torch import Tensor, nn
 
-from fedlora.adapters import adapter_state, select
+from fedlora.cache import collator, model_bundle, partition_dataset, set_trainable
+from fedlora.client.site import SiteConfig
 from fedlora.config import ClientConfig
 from fedlora.dp import (
     DPSettings,
@@ -33,8 +34,9 @@ from fedlora.dp import (
     poisson_batch,
 )
 from fedlora.dp.randomness import DPRandom, TorchRandom, dp_random
-from fedlora.runtime import collator, model_bundle, partition_dataset, set_trainable
-from fedlora.site import SiteConfig
+from fedlora.lora.state import adapter_state, select
+from fedlora.lora.variants import VARIANTS
+from fedlora.protocol import PrivacyReport
 from fedlora.train import (
     TrainResult,
     activate_factors,
@@ -43,20 +45,6 @@ from fedlora.train import (
     step_rule,
     to_device,
 )
-from fedlora.variants import VARIANTS
-
-
-@dataclass(frozen=True)
-class PrivacyReport:
-    """Everything needed to recompute a client's epsilon."""
-
-    epsilon: float  # spent so far (all rounds)
-    noise_multiplier: float
-    sample_rate: float
-    steps: int  # DP-SGD steps taken so far (all rounds)
-    delta: float
-    accountant: str
-    exhausted: bool  # True: this round was refused, the budget would be exceeded
 
 
 def planned_steps(cfg: ClientConfig) -> int:
@@ -141,6 +129,36 @@ def load_ledger(
     return max(candidates, key=lambda ledger: ledger.steps)
 
 
+# context.state key of the DP ledger (accountant history) of this node.
+LEDGER_RECORD = "fedlora-dp"
+
+
+def open_ledger(
+    cfg: ClientConfig, site: SiteConfig, context: Context
+) -> PrivacyLedger | None:
+    """Load the client's ledger before a train round; None unless ``privacy=dp``.
+
+    Read from the state file (survives a restarted client process) and from
+    Flower's ``context.state`` (survives between rounds of a running SuperNode),
+    whichever has taken more steps.
+    """
+    if cfg.privacy.mode != "dp":
+        return None
+    path = ledger_path(cfg, site, str(context.run_config.get("output_dir", "")))
+    stored = context.state.config_records.get(LEDGER_RECORD)
+    return load_ledger(cfg, path, str(stored["ledger"]) if stored else "")
+
+
+def keep_ledger(
+    ledger: PrivacyLedger | None, cfg: ClientConfig, site: SiteConfig, context: Context
+) -> None:
+    """Store the ledger after a train round, in the state file and the context."""
+    if ledger is None:
+        return
+    ledger.save(ledger_path(cfg, site, str(context.run_config.get("output_dir", ""))))
+    context.state[LEDGER_RECORD] = ConfigRecord({"ledger": ledger.to_json()})
+
+
 def report(
     ledger: PrivacyLedger, settings: DPSettings, exhausted: bool
 ) -> PrivacyReport:
@@ -218,8 +236,9 @@ def dp_train_round(
         return {}, empty, n, report(ledger, settings, exhausted=True)
     variant = VARIANTS.get(cfg.adapter.variant)
     factors = variant.factors_for_round(server_round)
-    # Opacus hooks only modules trainable at wrap time (P2): wrap with every factor
-    # of the round trainable, then toggle per step.
+    # Opacus hooks only modules trainable at wrap time (a factor unfrozen later
+    # gets no per-sample grads): wrap with every factor of the round trainable,
+    # then toggle per step.
     set_trainable(model, factors, train_head=cfg.adapter.train_head)
     rule = step_rule(cfg)
     trainer = DPTrainer(

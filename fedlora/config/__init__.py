@@ -12,10 +12,16 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
-from fedlora.configtools import ConfigError, build_config, check_choice, check_range
-from fedlora.privacy_config import PrivacyConfig
+from fedlora.config.flat import ConfigError, build_config, check_choice, check_range
+from fedlora.config.privacy import PrivacyConfig
+from fedlora.data import DATA_SOURCES
+from fedlora.data.files import HEADERLESS_EXTENSIONS
+from fedlora.data.sources import TASKS
+from fedlora.lora.variants import VARIANTS
+from fedlora.presets import MODEL_PRESETS
 
 __all__ = [
     "AdapterConfig",
@@ -27,7 +33,6 @@ __all__ = [
     "TrainConfig",
 ]
 
-TASKS = ("classification", "causal_lm")
 QUANTIZATIONS = ("none", "nf4", "int8")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 PARTITIONERS = ("iid", "dirichlet")
@@ -46,7 +51,8 @@ class ModelConfig:
     name: str = field(
         default="minilm",
         metadata=_help(
-            "Preset (minilm, tiny_llama), a Hugging Face model id or a local directory."
+            f"Preset ({', '.join(MODEL_PRESETS.names())}), a Hugging Face model id "
+            "or a local directory."
         ),
     )
     quantization: str = field(
@@ -96,11 +102,12 @@ class DataConfig:
     source: str = field(
         default="synthetic",
         metadata=_help(
-            "synthetic, synthetic_instruct, local (a file) or hf (a hub id)."
+            f"One of {', '.join(DATA_SOURCES.names())}: local reads data.path (a "
+            "file), hf loads data.path from the hub."
         ),
     )
     task: str = field(
-        default="classification", metadata=_help("classification or causal_lm.")
+        default="classification", metadata=_help(f"One of {', '.join(TASKS)}.")
     )
     path: str = field(
         default="", metadata=_help("File path (source=local) or dataset id (hf).")
@@ -110,6 +117,20 @@ class DataConfig:
     text_column: str = field(default="text", metadata=_help("Input text column."))
     label_column: str = field(
         default="label", metadata=_help("Label column (classification).")
+    )
+    header: bool = field(
+        default=True,
+        metadata=_help(
+            "Local CSV/TSV files (data.path, data.test_path): the first row names the "
+            "columns; false: every row is data and data.columns names them."
+        ),
+    )
+    columns: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "With data.header=false: the column names in file order, e.g. "
+            "[text,label]; empty otherwise."
+        ),
     )
     num_examples: int = field(
         default=3200, metadata=_help("Synthetic sources: examples generated.")
@@ -139,8 +160,6 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        from fedlora.data import DATA_SOURCES
-
         check_choice("data.source", self.source, DATA_SOURCES.names())
         check_choice("data.task", self.task, TASKS)
         check_choice("data.partitioner", self.partitioner, PARTITIONERS)
@@ -149,6 +168,7 @@ class DataConfig:
                 f"data.path is empty but data.source={self.source!r} needs it "
                 "(a CSV/TSV/JSONL/Parquet file for local, a dataset id for hf)"
             )
+        self._check_columns()
         check_range("data.num_examples", self.num_examples, low=2)
         check_range("data.num_classes", self.num_classes, low=2)
         if self.source == "synthetic":
@@ -166,12 +186,63 @@ class DataConfig:
                 stacklevel=2,
             )
 
+    def _check_columns(self) -> None:
+        """Check data.header/data.columns: names exactly for a headerless CSV/TSV."""
+        if self.header:
+            if self.columns:
+                raise ConfigError(
+                    f"data.columns={list(self.columns)} names the columns of a file "
+                    "without a header row; set data.header=false too, or drop "
+                    "data.columns to read the names from the header"
+                )
+            return
+        if not self.columns:
+            raise ConfigError(
+                "data.header=false needs data.columns, the column names in file "
+                f"order, e.g. data.columns=[{self.text_column},{self.label_column}]"
+            )
+        if any(not c.strip() for c in self.columns) or len(set(self.columns)) < len(
+            self.columns
+        ):
+            raise ConfigError(
+                f"data.columns={list(self.columns)}: names must be non-empty and "
+                "distinct (one per column, in file order)"
+            )
+        local = self.path if self.source == "local" else ""
+        for key, path in (("data.path", local), ("data.test_path", self.test_path)):
+            suffix = PurePath(path).suffix.lower()
+            if path and suffix not in HEADERLESS_EXTENSIONS:
+                raise ConfigError(
+                    f"data.header=false is for CSV/TSV files, not {key}={path!r} "
+                    f"({suffix or 'no extension'} files name their columns); "
+                    "drop data.header and data.columns"
+                )
+        if self.task == "classification":
+            for key, name in (
+                ("text_column", self.text_column),
+                ("label_column", self.label_column),
+            ):
+                if name not in self.columns:
+                    raise ConfigError(
+                        f"data.columns={list(self.columns)} has no {name!r} "
+                        f"(data.{key}); add it at its position in the file or set "
+                        f"data.{key} to one of data.columns"
+                    )
+
 
 @dataclass(frozen=True)
 class AdapterConfig:
     """LoRA adapter and local update rule (Hydra group ``adapter``)."""
 
-    variant: str = field(default="lora", metadata=_help("Local update rule: lora."))
+    variant: str = field(
+        default="lora",
+        metadata=_help(
+            "Local update rule: "
+            + "; ".join(
+                f"{n}: {VARIANTS.get(n).summary.rstrip('.')}" for n in VARIANTS.names()
+            )
+        ),
+    )
     rank: int = field(default=8, metadata=_help("LoRA rank r."))
     alpha: float = field(default=16.0, metadata=_help("LoRA alpha; scale = alpha/r."))
     dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA input."))
@@ -204,8 +275,6 @@ class AdapterConfig:
     )
 
     def __post_init__(self) -> None:
-        from fedlora.variants import VARIANTS
-
         check_choice("adapter.variant", self.variant, VARIANTS.names())
         check_range("adapter.rank", self.rank, low=1)
         check_range("adapter.alpha", self.alpha, low=0, low_open=True)
@@ -333,8 +402,6 @@ class ClientConfig:
         return ranks[partition_id % len(ranks)] if ranks else self.adapter.rank
 
     def __post_init__(self) -> None:
-        from fedlora.models import MODEL_PRESETS
-
         if self.model.name in MODEL_PRESETS:
             tasks = MODEL_PRESETS.get(self.model.name).tasks
             if self.data.task not in tasks:

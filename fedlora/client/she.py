@@ -9,27 +9,26 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from torch import Tensor
 
-from fedlora.adapters import A_SUFFIX, B_SUFFIX, StateDict, factor_pairs, from_record
+from fedlora import protocol as proto
+from fedlora.client.site import SiteConfig
 from fedlora.config import ClientConfig
-from fedlora.lowrank import best_rank_factors, lora_scale
+from fedlora.lora.rank import best_rank_factors, lora_scale
+from fedlora.lora.state import A_SUFFIX, B_SUFFIX, StateDict, factor_pairs, from_record
 from fedlora.she.client import encrypt_upload, merged_updates
 from fedlora.she.keys import context_id, load_secret_context
 from fedlora.she.packing import ordered_chunks
-from fedlora.site import SiteConfig
-
-CIPHER = "she-cipher"
-PLAIN = "she-plain"
 
 
 def is_she(config: Mapping[str, Any]) -> bool:
     """Tell whether the server runs SHE-LoRA (its messages carry ``she-k``)."""
-    return "she-k" in config
+    return proto.SHE_K in config
 
 
 def budget_of(site: SiteConfig, run_config: Mapping[str, Any]) -> int:
@@ -63,7 +62,7 @@ def _lists(config: Mapping[str, Any], k: int) -> dict[str, list[int]]:
     return {
         key.split(":", 1)[1]: [int(x) for x in value][:k]
         for key, value in config.items()
-        if key.startswith("she-list:")
+        if key.startswith(proto.SHE_LIST)
     }
 
 
@@ -76,13 +75,13 @@ def received_updates(content: RecordDict, ctx: Any) -> dict[str, Tensor]:
     plaintext merge plus the decrypted column sums divided by the total weight,
     i.e. the weighted mean of the clients' ``s_i B_i A_i`` up to CKKS error.
     """
-    config = content.config_records["config"]
-    sum_k = int(str(config["she-sum-k"]))
+    config = content.config_records[proto.CONFIG]
+    sum_k = int(str(config[proto.SHE_SUM_K]))
     return merged_updates(
-        factor_pairs(from_record(content.array_records[PLAIN])),
-        ordered_chunks(content.config_records.get(CIPHER)),
+        factor_pairs(from_record(content.array_records[proto.SHE_PLAIN])),
+        ordered_chunks(content.config_records.get(proto.SHE_CIPHER)),
         _lists(config, sum_k),
-        float(str(config["she-total-weight"])),
+        float(str(config[proto.SHE_TOTAL_WEIGHT])),
         ctx,
     )
 
@@ -95,15 +94,15 @@ def received_state(
     Round 1: the factors the server sent. Later: the plaintext merge plus the
     decrypted column sums, re-parameterised to rank ``cfg.adapter.rank`` by SVD.
     """
-    config = content.config_records["config"]
-    server_id = str(config.get("she-context-id", ""))
+    config = content.config_records[proto.CONFIG]
+    server_id = str(config.get(proto.SHE_CONTEXT_ID, ""))
     if server_id != context_id(ctx):
         raise ValueError(
             f"the server's public CKKS context ({server_id}) is not the public half "
             f"of this site's secret context ({context_id(ctx)}); use one key pair"
         )
-    state = from_record(content.array_records["arrays"])
-    if PLAIN not in content.array_records:
+    state = from_record(content.array_records[proto.ARRAYS])
+    if proto.SHE_PLAIN not in content.array_records:
         return state, 0.0
     start = time.perf_counter()
     dense = received_updates(content, ctx)
@@ -114,6 +113,47 @@ def received_state(
     return state, time.perf_counter() - start
 
 
+@dataclass
+class SheMessage:
+    """SHE-LoRA's part of one train/evaluate message at this client.
+
+    ``ctx`` is the site's secret CKKS context, ``metrics`` the timings to report.
+    """
+
+    ctx: Any
+    metrics: dict[str, float]
+
+
+def open_message(
+    msg: Message, cfg: ClientConfig, site: SiteConfig, run_config: Mapping[str, Any]
+) -> tuple[StateDict, SheMessage | None]:
+    """Return the adapter this client starts from and SHE-LoRA's state (or None).
+
+    ``cfg`` is the site's config (its own rank). Without SHE-LoRA the adapter is
+    the one sent; with it, the plaintext merge plus the decrypted columns.
+    """
+    state = from_record(msg.content.array_records[proto.ARRAYS])
+    if not is_she(msg.content.config_records[proto.CONFIG]):
+        return state, None
+    ctx = secret_context(site, run_config)
+    state, seconds = received_state(msg.content, cfg, ctx)
+    return state, SheMessage(ctx, {proto.HE_DECRYPT_SECONDS: seconds})
+
+
+def seal(
+    she: SheMessage | None,
+    trained: Mapping[str, Tensor],
+    config: Mapping[str, Any],
+    cfg: ClientConfig,
+    num_examples: int,
+) -> tuple[StateDict, dict[str, ConfigRecord], dict[str, float]]:
+    """Return the reply's plaintext tensors, extra records, metrics (as is w/o SHE)."""
+    if she is None:
+        return dict(trained), {}, {}
+    plain, records, metrics = sealed_reply(trained, config, cfg, she.ctx, num_examples)
+    return plain, records, {**she.metrics, **metrics}
+
+
 def sealed_reply(
     trained: Mapping[str, Tensor],
     config: Mapping[str, Any],
@@ -122,9 +162,11 @@ def sealed_reply(
     num_examples: int,
 ) -> tuple[StateDict, dict[str, ConfigRecord], dict[str, float]]:
     """Plaintext state, the records to add (upload info, ciphertexts), metrics."""
-    k = int(str(config["she-k"]))
+    k = int(str(config[proto.SHE_K]))
     cols = _lists(config, k)
-    weight = float(num_examples) if config.get("she-weighting") != "uniform" else 1.0
+    weight = (
+        float(num_examples) if config.get(proto.SHE_WEIGHTING) != "uniform" else 1.0
+    )
     start = time.perf_counter()
     plain, chunks = encrypt_upload(
         trained,
@@ -134,18 +176,18 @@ def sealed_reply(
         ctx=ctx,
     )
     seconds = time.perf_counter() - start
-    upload = ConfigRecord({"she-context-id": context_id(ctx)})
+    upload = ConfigRecord({proto.SHE_CONTEXT_ID: context_id(ctx)})
     for n, c in cols.items():
-        upload[f"she-cols:{n}"] = c
+        upload[f"{proto.SHE_COLS}{n}"] = c
     d_in = [trained[n + A_SUFFIX].shape[1] for n in cols]
     metrics = {
-        "she-k": float(k),
-        "she-weight": weight,
-        "he-encrypt-seconds": seconds,
-        "he-encrypted-fraction": k / min(d_in) if d_in else 0.0,
+        proto.SHE_K: float(k),
+        proto.SHE_WEIGHT: weight,
+        proto.HE_ENCRYPT_SECONDS: seconds,
+        proto.HE_ENCRYPTED_FRACTION: k / min(d_in) if d_in else 0.0,
     }
     records = {
-        "she-upload": upload,
-        CIPHER: ConfigRecord({f"c{i}": c for i, c in enumerate(chunks)}),
+        proto.SHE_UPLOAD: upload,
+        proto.SHE_CIPHER: ConfigRecord({f"c{i}": c for i, c in enumerate(chunks)}),
     }
     return plain, records, metrics

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedlora import data as fdata
-from fedlora.adapters import factor_of
 from fedlora.config import AdapterConfig, ClientConfig, DataConfig, ModelConfig
+from fedlora.lora.state import factor_of
 from fedlora.models import (
     load_base_model,
     load_tokenizer,

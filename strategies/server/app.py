@@ -11,13 +11,13 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.adapters import num_params
+from fedlora.lora.state import num_params
 from strategies.config import ExperimentConfig
-from strategies.factory import build_strategy
-from strategies.federation import CentralEvaluator, run_federation
-from strategies.plots import plot_run
-from strategies.rundir import RunDir, config_dict, versions
-from strategies.table import format_table
+from strategies.registry import build_strategy
+from strategies.server.plots import plot_run
+from strategies.server.rounds import CentralEvaluator, run_federation
+from strategies.server.rundir import RunDir, config_dict, versions
+from strategies.server.table import format_table
 
 app = ServerApp()
 
