@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import TextIO
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Flower's logger prefix: "INFO :      ", "WARNING :   ", "ERROR :     ".
@@ -52,6 +53,30 @@ def keep(line: str) -> str | None:
     if level in ("ERROR", "CRITICAL"):
         return f"{level}: {body}"
     return None
+
+
+def summary_line(rows: Sequence[Mapping[str, Any]], run_dir: str) -> str:
+    """One closing line: rounds, wall time, the final held-out metrics, outputs."""
+    if not rows:
+        return f"fedlora: no round finished; logs in {run_dir}/flwr.log"
+    last = rows[-1]
+    seconds = sum(float(r.get("seconds") or 0.0) for r in rows)
+    parts = []
+    for key, name, fmt in (
+        ("eval_accuracy", "held-out accuracy", "{:.4f}"),
+        ("eval_perplexity", "perplexity", "{:.2f}"),
+        ("eval_loss", "loss", "{:.4f}"),
+        ("epsilon", "epsilon", "{:.3f}"),
+    ):
+        value = last.get(key)
+        if value is not None and value == value:  # skip missing and NaN
+            parts.append(f"{name} {fmt.format(value)}")
+    result = ", ".join(parts) or "no held-out evaluation"
+    return (
+        f"fedlora: {last.get('round', 0)} rounds in {seconds:.0f} s; {result}. "
+        f"Outputs: {run_dir} (metrics.jsonl, summary.json, plots/, adapter/; full "
+        "logs in flwr.log)"
+    )
 
 
 class Console:

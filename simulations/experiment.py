@@ -34,6 +34,15 @@ class LaunchConfig:
         default=0.0, metadata={"help": "GPU share per client (0.5 = two per GPU)."}
     )
 
+    verbose: bool = field(
+        default=False,
+        metadata={
+            "help": "Print every line of the run (Flower, Ray actors, libraries); "
+            "false: the round table, warnings that matter and a summary (the full "
+            "output is in <run dir>/flwr.log either way)."
+        },
+    )
+
     def __post_init__(self) -> None:
         check_range("launcher.cpus_per_client", self.cpus_per_client, low=1)
         check_range("launcher.gpus_per_client", self.gpus_per_client, low=0)

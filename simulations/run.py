@@ -14,8 +14,10 @@ Each job: 1. compose the Hydra config, 2. validate it through the typed dataclas
 will (a bad file stops the job here, exit code 2, with the file, row or column and
 the fix), 3. write the flat Flower run-config, 4. start a
 private Flower SuperLink in simulation mode and run the app with ``flwr run`` (every
-process it starts is stopped by PID at the end, also on Ctrl-C), 5. print the
-per-round table from the run directory.
+process it starts is stopped by PID at the end, also on Ctrl-C), 5. print a
+summary line. The console shows the round table as it grows and the warnings that
+matter; everything else goes to ``<run dir>/flwr.log`` (``launcher.verbose=true``
+prints it all).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fedlora.config.flat import ConfigError
+from simulations.console import Console, summary_line
 from simulations.experiment import (
     CONF_DIR,
     PROJECT_ROOT,
@@ -40,7 +43,6 @@ from simulations.experiment import (
 from simulations.flower_runtime import LocalSimulation
 from strategies.config import ExperimentConfig
 from strategies.server.rundir import RunDir
-from strategies.server.table import format_table
 
 
 def with_he_keys(experiment: ExperimentConfig) -> ExperimentConfig:
@@ -86,7 +88,8 @@ def main(cfg: DictConfig) -> None:
     run_config = job_dir / "run_config.toml"
     write_run_config(experiment, run_config)
     # 4. launch on a private SuperLink; all its processes stop on exit
-    with LocalSimulation(work_dir=job_dir / "flwr") as sim:
+    console = Console(verbose=launch.verbose)
+    with LocalSimulation(work_dir=job_dir / "flwr", log=console) as sim:
         sim.run(
             PROJECT_ROOT,
             run_config=run_config,
@@ -97,7 +100,7 @@ def main(cfg: DictConfig) -> None:
         )
     # 5. results
     rows = RunDir(Path(experiment.output_dir)).read_metrics()
-    print(f"\nfedlora: run directory {experiment.output_dir}\n{format_table(rows)}")
+    console.write(summary_line(rows, experiment.output_dir))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from strategies.registry import build_strategy
 from strategies.server.plots import plot_run
 from strategies.server.rounds import CentralEvaluator, run_federation
 from strategies.server.rundir import RunDir, config_dict, versions
-from strategies.server.table import format_table
+from strategies.server.table import format_table, run_columns
 
 app = ServerApp()
 
@@ -42,9 +42,10 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(cfg)
     evaluator = CentralEvaluator(cfg)
     header_printed = [False]
+    columns = run_columns(cfg.data.task, cfg.privacy.mode == "dp")
 
     def on_row(row: dict[str, object]) -> None:
-        lines = format_table([row]).splitlines()
+        lines = format_table([row], columns).splitlines()
         if not header_printed[0]:
             for line in lines[:2]:
                 log(INFO, "%s", line)

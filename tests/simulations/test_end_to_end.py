@@ -77,6 +77,13 @@ def test_minilm_qlora_federation_writes_a_loadable_run_directory(
         run_dir, "federation=smoke", "federation.clients=3", "data.num_examples=600"
     )
     assert "eval acc" in proc.stdout  # the per-round table
+    # A console a person reads: the table, the summary, no worker chatter; the
+    # full output is in the run directory.
+    console = (proc.stdout + proc.stderr).splitlines()
+    assert len(console) <= 30, "\n".join(console)
+    assert not [x for x in console if "ClientAppActor" in x or "Warning" in x]
+    assert "rounds in" in console[-1] and str(run_dir) in console[-1]
+    assert "ClientAppActor" in (run_dir / "flwr.log").read_text()
     for name in (
         "config.yaml",
         "metrics.jsonl",
