@@ -19,6 +19,7 @@ from torch import Tensor
 from fedlora import protocol as proto
 from fedlora.client.site import SiteConfig
 from fedlora.config import ClientConfig
+from fedlora.config.flat import build_config
 from fedlora.lora.rank import best_rank_factors, lora_scale
 from fedlora.lora.state import A_SUFFIX, B_SUFFIX, StateDict, factor_pairs, from_record
 from fedlora.she.client import encrypt_upload, merged_updates
@@ -31,12 +32,29 @@ def is_she(config: Mapping[str, Any]) -> bool:
     return proto.SHE_K in config
 
 
+@dataclass(frozen=True)
+class SheRunSettings:
+    """The two keys of the run's ``strategy`` group that a SHE-LoRA client reads.
+
+    The group itself is the server's (``strategies.config.StrategyConfig``, which
+    the client side must not import); these are parsed from the same flat
+    run-config with the same typed tool, and a test keeps the defaults equal.
+    """
+
+    he_budgets: tuple[int, ...] = (4,)
+    he_secret_context: str = ""
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> SheRunSettings:
+        """Read ``strategy.he_budgets`` and ``strategy.he_secret_context``."""
+        return build_config(cls, run_config, prefix="strategy.", strict=False)
+
+
 def budget_of(site: SiteConfig, run_config: Mapping[str, Any]) -> int:
     """Columns per matrix this site encrypts: node-config, else the run's list."""
     if site.he_budget >= 0:
         return site.he_budget
-    raw = str(run_config.get("strategy.he_budgets", "4"))
-    budgets = [int(x) for x in raw.replace(" ", "").split(",") if x]
+    budgets = SheRunSettings.from_run_config(run_config).he_budgets
     return budgets[site.partition_id % len(budgets)] if budgets else 0
 
 
@@ -47,8 +65,9 @@ def _secret(path: str) -> Any:
 
 def secret_context(site: SiteConfig, run_config: Mapping[str, Any]) -> Any:
     """Load (once per process) this site's secret CKKS context."""
-    path = site.he_secret_context or str(
-        run_config.get("strategy.he_secret_context", "")
+    path = (
+        site.he_secret_context
+        or SheRunSettings.from_run_config(run_config).he_secret_context
     )
     if not path:
         raise ValueError(
