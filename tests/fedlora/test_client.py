@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_configs import tiny_config
 
 from fedlora.cache import model_bundle
 from fedlora.client.round import evaluate_round, train_round
@@ -12,16 +13,10 @@ from fedlora.config.flat import build_config
 from fedlora.lora.state import adapter_state
 from strategies.config import ExperimentConfig
 
-CFG = build_config(
-    ExperimentConfig,
+CFG = tiny_config(
+    "causal_lm",
     {
-        "model.name": "tiny_llama",
-        "model.tiny_hidden_size": 64,
-        "data.source": "synthetic_instruct",
-        "data.task": "causal_lm",
-        "data.partitioner": "iid",
         "data.num_examples": 400,
-        "adapter.rank": 4,
         "federation.clients": 2,
         "federation.local_steps": 3,
         "train.batch_size": 4,

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from scipy import stats
+from tiny_configs import tiny_values
 
 import fedlora.dp.randomness as randomness
 from fedlora.cache import model_bundle
@@ -116,13 +117,8 @@ def test_secure_noise_has_std_sigma_c_over_b_and_ignores_torch_seed() -> None:
 
 
 BASE = {
-    "model.name": "tiny_llama",
-    "model.tiny_hidden_size": 64,
-    "data.source": "synthetic",
-    "data.task": "classification",
-    "data.partitioner": "iid",
+    **tiny_values("classification"),
     "data.num_examples": 200,
-    "adapter.rank": 4,
     "federation.clients": 2,
     "federation.rounds": 2,
     "federation.local_steps": 2,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_configs import tiny_values
 
 from fedlora.cache import collator, model_bundle, partition_dataset
 from fedlora.client.private_round import (
@@ -24,13 +25,8 @@ from fedlora.train import derive_seed
 from strategies.config import ExperimentConfig
 
 BASE = {
-    "model.name": "tiny_llama",
-    "model.tiny_hidden_size": 64,
-    "data.source": "synthetic",
-    "data.task": "classification",
-    "data.partitioner": "iid",
+    **tiny_values("classification"),
     "data.num_examples": 400,
-    "adapter.rank": 4,
     "federation.clients": 2,
     "federation.rounds": 3,
     "federation.local_steps": 3,

@@ -6,25 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tiny_configs import tiny_config
 
 from fedlora.cache import model_bundle
-from fedlora.config.flat import build_config
 from fedlora.lora.residual import set_residual, write_residual_adapter
 from fedlora.lora.state import adapter_state
-from strategies.config import ExperimentConfig
 
-CFG = build_config(
-    ExperimentConfig,
-    {
-        "model.name": "tiny_llama",
-        "model.tiny_hidden_size": 64,
-        "model.quantization": "none",
-        "data.source": "synthetic_instruct",
-        "data.task": "causal_lm",
-        "data.partitioner": "iid",
-        "adapter.rank": 4,
-    },
-)
+CFG = tiny_config("causal_lm", {"model.quantization": "none"})
 
 
 def _residual(

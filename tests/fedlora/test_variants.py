@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_configs import tiny_config
 
 from fedlora.cache import model_bundle
 from fedlora.client.round import train_round
 from fedlora.client.site import SiteConfig
-from fedlora.config.flat import build_config
 from fedlora.lora.state import adapter_state, factor_of, fingerprint
 from fedlora.lora.variants import VARIANTS
 from strategies.aggregation import weighted_mean
@@ -21,17 +21,11 @@ AB = A | B
 
 
 def _cfg(variant: str) -> ExperimentConfig:
-    return build_config(
-        ExperimentConfig,
+    return tiny_config(
+        "causal_lm",
         {
-            "model.name": "tiny_llama",
-            "model.tiny_hidden_size": 64,
-            "data.source": "synthetic_instruct",
-            "data.task": "causal_lm",
-            "data.partitioner": "iid",
             "data.num_examples": 300,
             "adapter.variant": variant,
-            "adapter.rank": 4,
             "federation.clients": 3,
             "federation.local_steps": 3,
             "train.batch_size": 4,
