@@ -1,0 +1,153 @@
+"""Typed, validated ``data`` group: the source, its columns, the splits."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import PurePath
+
+from fedlora.config.flat import ConfigError, check_choice, check_range
+from fedlora.data import DATA_SOURCES
+from fedlora.data.files import HEADERLESS_EXTENSIONS
+from fedlora.data.sources import TASKS
+
+PARTITIONERS = ("iid", "dirichlet")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from and how they are split (Hydra group ``data``)."""
+
+    source: str = field(
+        default="synthetic",
+        metadata=_help(
+            f"One of {', '.join(DATA_SOURCES.names())}: local reads data.path (a "
+            "file), hf loads data.path from the hub."
+        ),
+    )
+    task: str = field(
+        default="classification", metadata=_help(f"One of {', '.join(TASKS)}.")
+    )
+    path: str = field(
+        default="", metadata=_help("File path (source=local) or dataset id (hf).")
+    )
+    subset: str = field(default="", metadata=_help("Hub dataset configuration name."))
+    split: str = field(default="train", metadata=_help("Hub split used for training."))
+    text_column: str = field(default="text", metadata=_help("Input text column."))
+    label_column: str = field(
+        default="label", metadata=_help("Label column (classification).")
+    )
+    header: bool = field(
+        default=True,
+        metadata=_help(
+            "Local CSV/TSV files (data.path, data.test_path): the first row names the "
+            "columns; false: every row is data and data.columns names them."
+        ),
+    )
+    columns: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "With data.header=false: the column names in file order, e.g. "
+            "[text,label]; empty otherwise."
+        ),
+    )
+    num_examples: int = field(
+        default=3200, metadata=_help("Synthetic sources: examples generated.")
+    )
+    num_classes: int = field(
+        default=4, metadata=_help("Synthetic classification: number of classes.")
+    )
+    test_fraction: float = field(
+        default=0.2, metadata=_help("Held-out share for centralised evaluation.")
+    )
+    test_path: str = field(
+        default="",
+        metadata=_help(
+            "Held-out file (same format and columns as data.path) instead of a "
+            "test_fraction split; every row of the source then trains."
+        ),
+    )
+    max_test_examples: int = field(
+        default=1000, metadata=_help("Cap on held-out examples (evaluation cost).")
+    )
+    max_length: int = field(default=64, metadata=_help("Tokens per example."))
+    partitioner: str = field(
+        default="dirichlet", metadata=_help("iid or dirichlet (non-IID by label).")
+    )
+    dirichlet_alpha: float = field(
+        default=0.5, metadata=_help("Dirichlet concentration; smaller = more skewed.")
+    )
+
+    def __post_init__(self) -> None:
+        check_choice("data.source", self.source, DATA_SOURCES.names())
+        check_choice("data.task", self.task, TASKS)
+        check_choice("data.partitioner", self.partitioner, PARTITIONERS)
+        if self.source in ("local", "hf") and not self.path:
+            raise ConfigError(
+                f"data.path is empty but data.source={self.source!r} needs it "
+                "(a CSV/TSV/JSONL/Parquet file for local, a dataset id for hf)"
+            )
+        self._check_columns()
+        check_range("data.num_examples", self.num_examples, low=2)
+        check_range("data.num_classes", self.num_classes, low=2)
+        if self.source == "synthetic":
+            check_range("data.num_classes", self.num_classes, low=2, high=8)
+        check_range(
+            "data.test_fraction", self.test_fraction, low=0, high=1, high_open=True
+        )
+        check_range("data.max_test_examples", self.max_test_examples, low=1)
+        check_range("data.max_length", self.max_length, low=4)
+        check_range("data.dirichlet_alpha", self.dirichlet_alpha, low=0, low_open=True)
+        if self.task == "causal_lm" and self.partitioner == "dirichlet":
+            warnings.warn(
+                "data.partitioner='dirichlet' needs labels; causal_lm data has none, "
+                "so the split falls back to iid",
+                stacklevel=2,
+            )
+
+    def _check_columns(self) -> None:
+        """Check data.header/data.columns: names exactly for a headerless CSV/TSV."""
+        if self.header:
+            if self.columns:
+                raise ConfigError(
+                    f"data.columns={list(self.columns)} names the columns of a file "
+                    "without a header row; set data.header=false too, or drop "
+                    "data.columns to read the names from the header"
+                )
+            return
+        if not self.columns:
+            raise ConfigError(
+                "data.header=false needs data.columns, the column names in file "
+                f"order, e.g. data.columns=[{self.text_column},{self.label_column}]"
+            )
+        if any(not c.strip() for c in self.columns) or len(set(self.columns)) < len(
+            self.columns
+        ):
+            raise ConfigError(
+                f"data.columns={list(self.columns)}: names must be non-empty and "
+                "distinct (one per column, in file order)"
+            )
+        local = self.path if self.source == "local" else ""
+        for key, path in (("data.path", local), ("data.test_path", self.test_path)):
+            suffix = PurePath(path).suffix.lower()
+            if path and suffix not in HEADERLESS_EXTENSIONS:
+                raise ConfigError(
+                    f"data.header=false is for CSV/TSV files, not {key}={path!r} "
+                    f"({suffix or 'no extension'} files name their columns); "
+                    "drop data.header and data.columns"
+                )
+        if self.task == "classification":
+            for key, name in (
+                ("text_column", self.text_column),
+                ("label_column", self.label_column),
+            ):
+                if name not in self.columns:
+                    raise ConfigError(
+                        f"data.columns={list(self.columns)} has no {name!r} "
+                        f"(data.{key}); add it at its position in the file or set "
+                        f"data.{key} to one of data.columns"
+                    )
