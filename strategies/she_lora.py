@@ -17,7 +17,7 @@ is sent at the rank it can have, ``min(sum_i r_i, m, n)``, not cut to the maximu
 client rank: a client adds the decrypted columns to it and only then truncates to
 its own rank, so it ends at the best rank-``r_i`` approximation of the exact mean.
 Deviation: clients encrypt columns of their own product ``s B A`` rather than of
-``A`` (see ``fedlora.she.client``), so the server only adds. Negotiation is a
+``A`` (see ``fedlora.she.updates``), so the server only adds. Negotiation is a
 deterministic vote/score ranking instead of the paper's Bayesian optimisation.
 Column swapping hides nothing from this server (it made the list and unswaps
 the plaintext); it hides the positions from anyone who sees the upload without

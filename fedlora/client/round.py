@@ -207,11 +207,11 @@ def column_scores_for_site(
     Runs the site's model (its own rank) over up to ``samples`` local examples
     and scores every input column by ``sum |A[:, j]| * ||X_j||``. Under
     ``privacy=dp`` no example is read: the scores are ``sum |A[:, j]|`` of the
-    adapter the site holds (``fedlora.she.client.private_sensitivity``), so what
+    adapter the site holds (``fedlora.she.updates.private_sensitivity``), so what
     the site sends is not a function of its data.
     """
     from fedlora.lora.state import matrix_names
-    from fedlora.she.client import input_norms, private_sensitivity, sensitivity
+    from fedlora.she.updates import input_norms, private_sensitivity, sensitivity
     from fedlora.train import to_device
 
     cfg = for_site(cfg, site)

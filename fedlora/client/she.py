@@ -22,9 +22,9 @@ from fedlora.config import ClientConfig
 from fedlora.config.flat import build_config
 from fedlora.lora.rank import best_rank_factors, lora_scale
 from fedlora.lora.state import A_SUFFIX, B_SUFFIX, StateDict, factor_pairs, from_record
-from fedlora.she.client import encrypt_upload, merged_updates
 from fedlora.she.keys import context_id, load_secret_context
 from fedlora.she.packing import ordered_chunks
+from fedlora.she.updates import encrypt_upload, merged_updates
 
 
 def is_she(config: Mapping[str, Any]) -> bool:

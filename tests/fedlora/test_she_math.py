@@ -10,7 +10,6 @@ import pytest
 import torch
 from lowrank_reference import mean_update
 
-from fedlora.she.client import encrypt_upload, merged_updates
 from fedlora.she.columns import (
     Selection,
     column_scores,
@@ -32,6 +31,7 @@ from fedlora.she.packing import (
     encrypt_columns,
     num_chunks,
 )
+from fedlora.she.updates import encrypt_upload, merged_updates
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Client side of SHE-LoRA: calibration, encrypted upload, merged-update rebuild.
+"""A client's SHE-LoRA update: column scores, encrypted upload, merged-update rebuild.
 
 Deviation from the paper (documented on purpose): the paper encrypts the selected
 columns of ``A_i`` (``r_i`` values each) and has the server multiply them by the
