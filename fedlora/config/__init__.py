@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedlora.config.data import DataConfig
-from fedlora.config.flat import ConfigError, build_config, check_choice, check_range
+from fedlora.config.flat import (
+    ConfigError,
+    build_config,
+    check_choice,
+    check_range,
+    field_help,
+)
 from fedlora.config.privacy import PrivacyConfig
 from fedlora.lora.variants import VARIANTS
 from fedlora.presets import MODEL_PRESETS
@@ -37,45 +43,46 @@ SCHEDULERS = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """Frozen base model and how it is loaded (Hydra group ``model``)."""
 
     name: str = field(
         default="minilm",
-        metadata=_help(
+        metadata=field_help(
             f"Preset ({', '.join(MODEL_PRESETS.names())}), a Hugging Face model id "
             "or a local directory."
         ),
     )
     quantization: str = field(
         default="nf4",
-        metadata=_help("Base weights: none (full precision), nf4 (QLoRA), int8."),
+        metadata=field_help("Base weights: none (full precision), nf4 (QLoRA), int8."),
     )
     compute_dtype: str = field(
         default="float32",
-        metadata=_help("Compute dtype of the 4-bit layers; float32 is exact on CPU."),
+        metadata=field_help(
+            "Compute dtype of the 4-bit layers; float32 is exact on CPU."
+        ),
     )
     double_quant: bool = field(
-        default=True, metadata=_help("NF4 double quantisation of the block scales.")
+        default=True,
+        metadata=field_help("NF4 double quantisation of the block scales."),
     )
     device: str = field(
-        default="auto", metadata=_help("auto (cuda if available), cpu or cuda.")
+        default="auto", metadata=field_help("auto (cuda if available), cpu or cuda.")
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata=_help("Trade compute for activation memory.")
+        default=False, metadata=field_help("Trade compute for activation memory.")
     )
     tiny_hidden_size: int = field(
-        default=128, metadata=_help("tiny_llama preset: hidden size.")
+        default=128, metadata=field_help("tiny_llama preset: hidden size.")
     )
-    tiny_layers: int = field(default=2, metadata=_help("tiny_llama preset: layers."))
+    tiny_layers: int = field(
+        default=2, metadata=field_help("tiny_llama preset: layers.")
+    )
     num_layers: int = field(
         default=0,
-        metadata=_help(
+        metadata=field_help(
             "Keep only the first N transformer layers of the checkpoint (0 = all): "
             "a cheaper pretrained base for experiments on small machines."
         ),
@@ -98,42 +105,52 @@ class AdapterConfig:
 
     variant: str = field(
         default="lora",
-        metadata=_help(
+        metadata=field_help(
             "Local update rule: "
             + "; ".join(
                 f"{n}: {VARIANTS.get(n).summary.rstrip('.')}" for n in VARIANTS.names()
             )
         ),
     )
-    rank: int = field(default=8, metadata=_help("LoRA rank r."))
-    alpha: float = field(default=16.0, metadata=_help("LoRA alpha; scale = alpha/r."))
-    dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA input."))
+    rank: int = field(default=8, metadata=field_help("LoRA rank r."))
+    alpha: float = field(
+        default=16.0, metadata=field_help("LoRA alpha; scale = alpha/r.")
+    )
+    dropout: float = field(
+        default=0.0, metadata=field_help("Dropout on the LoRA input.")
+    )
     target_modules: tuple[str, ...] = field(
         default=(),
-        metadata=_help("Module names, 'all-linear', or empty for the preset default."),
+        metadata=field_help(
+            "Module names, 'all-linear', or empty for the preset default."
+        ),
     )
     use_rslora: bool = field(
         default=False,
-        metadata=_help("rsLoRA scaling alpha/sqrt(r) instead of alpha/r."),
+        metadata=field_help("rsLoRA scaling alpha/sqrt(r) instead of alpha/r."),
     )
     train_head: bool = field(
         default=True,
-        metadata=_help("Classification: train and aggregate the task head too."),
+        metadata=field_help("Classification: train and aggregate the task head too."),
     )
     lr_ratio_b: float = field(
         default=1.0,
-        metadata=_help("Learning rate of B relative to A (LA-LoRA's code uses 2)."),
+        metadata=field_help(
+            "Learning rate of B relative to A (LA-LoRA's code uses 2)."
+        ),
     )
     lr_ratio_head: float = field(
         default=30.0,
-        metadata=_help(
+        metadata=field_help(
             "Learning rate of the task head relative to A: a randomly initialised "
             "head must grow ~20x in norm, which lr alone does not reach in a short run."
         ),
     )
     lowpass: bool = field(
         default=True,
-        metadata=_help("la_lora: low-pass filter [1,4,6,4,1]/16 on the gradients."),
+        metadata=field_help(
+            "la_lora: low-pass filter [1,4,6,4,1]/16 on the gradients."
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -154,25 +171,29 @@ class AdapterConfig:
 class TrainConfig:
     """Local optimisation on each client (Hydra group ``train``)."""
 
-    lr: float = field(default=2e-3, metadata=_help("AdamW peak learning rate."))
-    batch_size: int = field(default=16, metadata=_help("Examples per micro-batch."))
-    grad_accum: int = field(
-        default=1, metadata=_help("Micro-batches accumulated per optimizer step.")
+    lr: float = field(default=2e-3, metadata=field_help("AdamW peak learning rate."))
+    batch_size: int = field(
+        default=16, metadata=field_help("Examples per micro-batch.")
     )
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    grad_accum: int = field(
+        default=1, metadata=field_help("Micro-batches accumulated per optimizer step.")
+    )
+    weight_decay: float = field(default=0.0, metadata=field_help("AdamW weight decay."))
     scheduler: str = field(
         default="constant",
-        metadata=_help(
+        metadata=field_help(
             "LR schedule over the run's global steps: constant/linear/cosine."
         ),
     )
     warmup_steps: int = field(
-        default=0, metadata=_help("Linear warm-up (global steps).")
+        default=0, metadata=field_help("Linear warm-up (global steps).")
     )
     max_grad_norm: float = field(
-        default=1.0, metadata=_help("Clip the batch gradient norm; 0 disables.")
+        default=1.0, metadata=field_help("Clip the batch gradient norm; 0 disables.")
     )
-    eval_batch_size: int = field(default=64, metadata=_help("Evaluation batch size."))
+    eval_batch_size: int = field(
+        default=64, metadata=field_help("Evaluation batch size.")
+    )
 
     def __post_init__(self) -> None:
         check_range("train.lr", self.lr, low=0, low_open=True)
@@ -189,27 +210,30 @@ class TrainConfig:
 class FederationConfig:
     """Clients, rounds and participation (Hydra group ``federation``)."""
 
-    clients: int = field(default=8, metadata=_help("Number of clients (partitions)."))
-    rounds: int = field(default=7, metadata=_help("Server rounds."))
+    clients: int = field(
+        default=8, metadata=field_help("Number of clients (partitions).")
+    )
+    rounds: int = field(default=7, metadata=field_help("Server rounds."))
     fraction_train: float = field(
-        default=1.0, metadata=_help("Share of available clients sampled per round.")
+        default=1.0,
+        metadata=field_help("Share of available clients sampled per round."),
     )
     fraction_evaluate: float = field(
         default=0.0,
-        metadata=_help("Share of clients doing federated evaluation (0 = off)."),
+        metadata=field_help("Share of clients doing federated evaluation (0 = off)."),
     )
     min_clients: int = field(
-        default=2, metadata=_help("Minimum replies for a round to count.")
+        default=2, metadata=field_help("Minimum replies for a round to count.")
     )
     local_steps: int = field(
-        default=20, metadata=_help("Optimizer steps per client per round.")
+        default=20, metadata=field_help("Optimizer steps per client per round.")
     )
     round_timeout: float = field(
-        default=3600.0, metadata=_help("Seconds to wait for replies in a round.")
+        default=3600.0, metadata=field_help("Seconds to wait for replies in a round.")
     )
     client_ranks: tuple[int, ...] = field(
         default=(),
-        metadata=_help(
+        metadata=field_help(
             "LoRA rank per client (client i gets entry i mod len), each <= "
             "adapter.rank, the global maximum; empty = every client uses adapter.rank."
         ),
@@ -250,7 +274,9 @@ CLIENT_GROUPS = ("seed", "model", "data", "adapter", "train", "federation", "pri
 class ClientConfig:
     """Everything a client needs: the client-side groups plus the seed."""
 
-    seed: int = field(default=0, metadata=_help("Seed for data, init and sampling."))
+    seed: int = field(
+        default=0, metadata=field_help("Seed for data, init and sampling.")
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

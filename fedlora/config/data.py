@@ -6,16 +6,12 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
-from fedlora.config.flat import ConfigError, check_choice, check_range
+from fedlora.config.flat import ConfigError, check_choice, check_range, field_help
 from fedlora.data import DATA_SOURCES
 from fedlora.data.files import HEADERLESS_EXTENSIONS
 from fedlora.data.sources import TASKS
 
 PARTITIONERS = ("iid", "dirichlet")
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass(frozen=True)
@@ -24,62 +20,67 @@ class DataConfig:
 
     source: str = field(
         default="synthetic",
-        metadata=_help(
+        metadata=field_help(
             f"One of {', '.join(DATA_SOURCES.names())}: local reads data.path (a "
             "file), hf loads data.path from the hub."
         ),
     )
     task: str = field(
-        default="classification", metadata=_help(f"One of {', '.join(TASKS)}.")
+        default="classification", metadata=field_help(f"One of {', '.join(TASKS)}.")
     )
     path: str = field(
-        default="", metadata=_help("File path (source=local) or dataset id (hf).")
+        default="", metadata=field_help("File path (source=local) or dataset id (hf).")
     )
-    subset: str = field(default="", metadata=_help("Hub dataset configuration name."))
-    split: str = field(default="train", metadata=_help("Hub split used for training."))
-    text_column: str = field(default="text", metadata=_help("Input text column."))
+    subset: str = field(
+        default="", metadata=field_help("Hub dataset configuration name.")
+    )
+    split: str = field(
+        default="train", metadata=field_help("Hub split used for training.")
+    )
+    text_column: str = field(default="text", metadata=field_help("Input text column."))
     label_column: str = field(
-        default="label", metadata=_help("Label column (classification).")
+        default="label", metadata=field_help("Label column (classification).")
     )
     header: bool = field(
         default=True,
-        metadata=_help(
+        metadata=field_help(
             "Local CSV/TSV files (data.path, data.test_path): the first row names the "
             "columns; false: every row is data and data.columns names them."
         ),
     )
     columns: tuple[str, ...] = field(
         default=(),
-        metadata=_help(
+        metadata=field_help(
             "With data.header=false: the column names in file order, e.g. "
             "[text,label]; empty otherwise."
         ),
     )
     num_examples: int = field(
-        default=3200, metadata=_help("Synthetic sources: examples generated.")
+        default=3200, metadata=field_help("Synthetic sources: examples generated.")
     )
     num_classes: int = field(
-        default=4, metadata=_help("Synthetic classification: number of classes.")
+        default=4, metadata=field_help("Synthetic classification: number of classes.")
     )
     test_fraction: float = field(
-        default=0.2, metadata=_help("Held-out share for centralised evaluation.")
+        default=0.2, metadata=field_help("Held-out share for centralised evaluation.")
     )
     test_path: str = field(
         default="",
-        metadata=_help(
+        metadata=field_help(
             "Held-out file (same format and columns as data.path) instead of a "
             "test_fraction split; every row of the source then trains."
         ),
     )
     max_test_examples: int = field(
-        default=1000, metadata=_help("Cap on held-out examples (evaluation cost).")
+        default=1000, metadata=field_help("Cap on held-out examples (evaluation cost).")
     )
-    max_length: int = field(default=64, metadata=_help("Tokens per example."))
+    max_length: int = field(default=64, metadata=field_help("Tokens per example."))
     partitioner: str = field(
-        default="dirichlet", metadata=_help("iid or dirichlet (non-IID by label).")
+        default="dirichlet", metadata=field_help("iid or dirichlet (non-IID by label).")
     )
     dirichlet_alpha: float = field(
-        default=0.5, metadata=_help("Dirichlet concentration; smaller = more skewed.")
+        default=0.5,
+        metadata=field_help("Dirichlet concentration; smaller = more skewed."),
     )
 
     def __post_init__(self) -> None:

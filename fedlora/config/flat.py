@@ -180,6 +180,11 @@ def _to_flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def field_help(text: str) -> dict[str, str]:
+    """Field metadata carrying the help text of a config key (CLI help, docs)."""
+    return {"help": text}
+
+
 def check_choice(key: str, value: str, allowed: typing.Iterable[str]) -> None:
     """Raise ConfigError unless ``value`` is one of ``allowed`` (all listed)."""
     options = sorted(allowed)

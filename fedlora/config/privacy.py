@@ -5,14 +5,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from fedlora.config.flat import ConfigError, check_choice, check_range
+from fedlora.config.flat import ConfigError, check_choice, check_range, field_help
 from fedlora.dp.settings import ACCOUNTANTS
 
 PRIVACY_MODES = ("none", "dp")
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass(frozen=True)
@@ -24,28 +20,33 @@ class PrivacyConfig:
     noise, and an accountant that spans every round the client takes part in.
     """
 
-    mode: str = field(default="none", metadata=_help("none or dp (DP-SGD)."))
+    mode: str = field(default="none", metadata=field_help("none or dp (DP-SGD)."))
     epsilon: float = field(
         default=0.0,
-        metadata=_help(
+        metadata=field_help(
             "Target epsilon for the whole run (noise calibrated once); 0 = not set."
         ),
     )
     noise_multiplier: float = field(
         default=-1.0,
-        metadata=_help("Explicit noise multiplier sigma; -1 = calibrate from epsilon."),
+        metadata=field_help(
+            "Explicit noise multiplier sigma; -1 = calibrate from epsilon."
+        ),
     )
-    delta: float = field(default=1e-5, metadata=_help("delta of (epsilon, delta)-DP."))
+    delta: float = field(
+        default=1e-5, metadata=field_help("delta of (epsilon, delta)-DP.")
+    )
     max_grad_norm: float = field(
-        default=1.0, metadata=_help("Per-sample clipping norm C (inf = no clipping).")
+        default=1.0,
+        metadata=field_help("Per-sample clipping norm C (inf = no clipping)."),
     )
     accountant: str = field(
         default="rdp",
-        metadata=_help(f"Privacy accountant: {' or '.join(ACCOUNTANTS)}."),
+        metadata=field_help(f"Privacy accountant: {' or '.join(ACCOUNTANTS)}."),
     )
     secure_rng: bool = field(
         default=False,
-        metadata=_help(
+        metadata=field_help(
             "Draw DP noise and Poisson samples from the OS CSPRNG (os.urandom, "
             "float64 Box-Muller, sum of 4 draws against floating-point attacks); "
             "false: torch's Mersenne Twister seeded with 63 OS bits (not "
@@ -54,7 +55,7 @@ class PrivacyConfig:
     )
     state_dir: str = field(
         default="",
-        metadata=_help(
+        metadata=field_help(
             "Where clients keep their accountant; empty = <output_dir>/client-state "
             "(a site's node-config state-dir wins)."
         ),
