@@ -120,8 +120,8 @@ def load_base_model(
     location, _ = weights_location(cfg)
     device = resolve_device(cfg)
     kwargs: dict[str, Any] = {"quantization_config": quantization_config(cfg)}
-    if cfg.quantization == "none":
-        kwargs["dtype"] = torch.float32
+    if cfg.quantization == "none":  # full precision in the compute dtype
+        kwargs["dtype"] = _dtype(cfg.compute_dtype)
     kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
     if cfg.num_layers:  # the first N layers keep their pretrained weights
         kwargs["num_hidden_layers"] = cfg.num_layers

@@ -56,12 +56,16 @@ class ModelConfig:
     )
     quantization: str = field(
         default="nf4",
-        metadata=field_help("Base weights: none (full precision), nf4 (QLoRA), int8."),
+        metadata=field_help(
+            "Base weights: none (unquantised, stored in compute_dtype), "
+            "nf4 (QLoRA), int8."
+        ),
     )
     compute_dtype: str = field(
         default="float32",
         metadata=field_help(
-            "Compute dtype of the 4-bit layers; float32 is exact on CPU."
+            "Compute dtype of the 4-bit layers, and the weights' dtype with "
+            "quantization=none; float32 is exact on CPU."
         ),
     )
     double_quant: bool = field(

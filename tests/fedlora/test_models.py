@@ -161,3 +161,21 @@ def test_num_layers_keeps_the_first_pretrained_layers() -> None:
     got = cut.model.layers[0].state_dict()
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize(("compute_dtype", "dtype"), [
+    ("float32", torch.float32), ("bfloat16", torch.bfloat16)
+])  # fmt: skip
+def test_unquantised_base_is_stored_in_the_compute_dtype(
+    compute_dtype: str, dtype: torch.dtype
+) -> None:
+    cfg = ModelConfig(
+        **{**TINY.__dict__, "quantization": "none", "compute_dtype": compute_dtype}
+    )
+    base = load_base_model(cfg, task="causal_lm", num_labels=0, seed=0)
+    assert {p.dtype for p in base.parameters()} == {dtype}
+    assert not any(p.requires_grad for p in base.parameters())
+    model = wrap_lora(base, cfg, LORA, task="causal_lm", seed=0)
+    _randomise_b(model)
+    grads = _lora_grads(model)
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
