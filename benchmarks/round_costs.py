@@ -25,7 +25,9 @@ Three reports, printed as one JSON object and written to
    evaluation 5-10x slower with torch's default 2 OpenMP threads.
 2. ``bytes``: serialised bytes per client per round each way (metrics.jsonl
    divided by the clients of the round) against the raw adapter size
-   (``summary.json`` ``adapter.parameters`` x 4 bytes of float32).
+   (``summary.json`` ``adapter.parameters`` x the bytes per value of the run's
+   ``federation.transport_dtype``: 4 for float32, 2 for bfloat16 / float16).
+   Compare dtypes with ``-o federation.transport_dtype=bfloat16``.
 3. ``memory``: one client's peak RSS, RSS after loading, the model's
    ``get_memory_footprint()`` and seconds per local step, with an NF4 and a float32
    base, each measured in a fresh subprocess that builds the client model and runs
@@ -67,6 +69,7 @@ from typing import Any
 from benchmarks.client_memory import DEFAULT_MEMORY_MODELS, MEMORY_MODELS, memory_report
 from benchmarks.cpu_sampler import MARKER_ENV, CpuSampler, cpu_report, watch_rows
 from benchmarks.output import RESULTS, write_result
+from fedlora.protocol import TRANSPORT_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 STEADY_FROM_ROUND = 2
@@ -156,13 +159,17 @@ def round_report(rows: Sequence[Mapping[str, Any]], parallel: int) -> dict[str, 
 def bytes_report(
     rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Serialised bytes per client per round each way vs the raw float32 adapter.
+    """Serialised bytes per client per round each way vs the raw wire adapter.
 
     Down is divided by the clients sampled (every one was sent the adapter), up by
     the clients whose reply was accepted (the same unless replies were dropped).
+    The raw size counts the run's transport dtype (runs from before the key
+    existed were float32).
     """
     params = int(summary["adapter"]["parameters"])
-    raw = 4 * params  # float32 on the wire
+    federation = summary.get("config", {}).get("federation", {})
+    dtype = str(federation.get("transport_dtype", "float32"))
+    raw = TRANSPORT_DTYPES[dtype] * params
     per_round = []
     for row in rows:
         if int(row["round"]) < 1 or not row.get("clients"):
@@ -175,7 +182,9 @@ def bytes_report(
     up = _mean([r["up"] for r in per_round])
     return {
         "adapter_parameters": params,
+        "transport_dtype": dtype,
         "raw_adapter_bytes": raw,
+        "raw_float32_bytes": 4 * params,
         "per_client_per_round": per_round,
         "mean_down": down,
         "mean_up": up,

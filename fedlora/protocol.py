@@ -14,6 +14,10 @@ A train or evaluate message from the server carries:
 
 A reply carries ``ARRAYS`` (only the trained tensors), ``MetricRecord`` ``METRICS``
 (see :func:`train_metrics`, :func:`evaluate_metrics`) and SHE-LoRA's ``SHE_UPLOAD``.
+
+Every adapter-sized ArrayRecord (``ARRAYS`` both ways, ``RESIDUAL``, ``SHE_PLAIN``)
+travels in the run's ``federation.transport_dtype`` (one of ``TRANSPORT_DTYPES``);
+``fedlora.lora.state.to_record`` / ``from_record`` encode and decode it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ METRICS = "metrics"
 RESIDUAL = "flora-residual"
 SITE = "site"
 
+# Element types of adapter tensors on the wire (``Array.dtype``) -> bytes per
+# element. float32 is Flower's own numpy ``Array``; numpy has no bfloat16, so the
+# 16-bit types travel as raw little-endian element bytes (C order, no header) with
+# ``Array.stype = RAW_STYPE``, which Flower's ``Array.numpy()`` refuses rather than
+# misreads.
+TRANSPORT_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RAW_STYPE = "fedlora.raw-le"
+
 # Server -> client config keys.
 SERVER_ROUND = "server-round"
 BASE_FINGERPRINT = "base-fingerprint"
@@ -47,6 +59,8 @@ PARTITION_ID = "partition-id"
 TRAIN_LOSS = "train-loss"
 TRAIN_STEPS = "train-steps"
 TRAIN_SECONDS = "train-seconds"
+# ``ArrayRecord.count_bytes()`` of ``ARRAYS`` received / sent: element bytes in the
+# transport dtype plus per-tensor headers and keys.
 BYTES_DOWN = "bytes-down"
 BYTES_UP = "bytes-up"
 EVAL_LOSS = "eval-loss"

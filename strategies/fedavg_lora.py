@@ -82,6 +82,10 @@ class FedAvgLora(FedAvg):
     variant : Variant (default: plain LoRA)
         The clients' local update rule: which factors go down and come back up
         each round. Tensors not sent down are checked by fingerprint.
+    transport_dtype : str (default: "float32")
+        Element type of the adapter tensors in every message, both ways
+        (``federation.transport_dtype``); a reply in another dtype is dropped.
+        The global adapter and the aggregation stay float32.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class FedAvgLora(FedAvg):
         min_available_nodes: int = 2,
         weighting: str = "num_examples",
         variant: Variant | None = None,
+        transport_dtype: str = "float32",
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -103,6 +108,7 @@ class FedAvgLora(FedAvg):
         )
         self.weighting = weighting
         self.variant = variant or VARIANTS.get("lora")
+        self.transport_dtype = transport_dtype
         self.global_state: StateDict | None = None
         self.stats: dict[int, RoundStats] = {}
 
@@ -117,6 +123,7 @@ class FedAvgLora(FedAvg):
             min_available_nodes=min(fed.min_clients, fed.clients),
             weighting=cfg.strategy.weighting,
             variant=VARIANTS.get(cfg.adapter.variant),
+            transport_dtype=fed.transport_dtype,
         )
 
     # Attributes that a checkpoint must restore (subclasses name their own state).
@@ -152,6 +159,14 @@ class FedAvgLora(FedAvg):
             raise RuntimeError("global_state is unset: call configure_train first")
         return self.global_state
 
+    def wire(self, state: StateDict) -> ArrayRecord:
+        """Return ``state`` as a message record in the transport dtype.
+
+        Only for records that leave the server; ``arrays`` handed between rounds
+        (``aggregate_train`` -> ``configure_train``) stay float32.
+        """
+        return to_record(state, self.transport_dtype)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -162,10 +177,17 @@ class FedAvgLora(FedAvg):
         if kept:
             config[proto.FROZEN_FINGERPRINT] = fingerprint(self.global_state, kept)
         messages = list(
-            super().configure_train(server_round, to_record(down), config, grid)
+            super().configure_train(server_round, self.wire(down), config, grid)
         )
         self.record_down(server_round, messages)
         return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Federated evaluation: the global adapter in the transport dtype."""
+        wired = self.wire(from_record(arrays))
+        return super().configure_evaluate(server_round, wired, config, grid)
 
     def record_down(self, server_round: int, messages: list[Message]) -> None:
         """Count the sampled nodes and the serialised bytes sent to them."""
@@ -182,7 +204,9 @@ class FedAvgLora(FedAvg):
 
     def reply_problem(self, server_round: int, msg: Message) -> str | None:
         """Why a reply cannot be aggregated (None if it can). Per node hook."""
-        return reply_problem(msg, self.expected_reply(server_round))
+        return reply_problem(
+            msg, self.expected_reply(server_round), dtype=self.transport_dtype
+        )
 
     def merge(
         self, server_round: int, replies: list[Message], weights: list[float]

@@ -25,7 +25,7 @@ from torch import Tensor
 from fedlora import protocol as proto
 from fedlora.lora.rank import stack_factors
 from fedlora.lora.residual import Residual
-from fedlora.lora.state import A_SUFFIX, B_SUFFIX, pairs_state, to_record
+from fedlora.lora.state import A_SUFFIX, B_SUFFIX, pairs_state
 from strategies.aggregation import normalise_weights
 from strategies.rank_aware import HeteroRankLora
 
@@ -86,5 +86,7 @@ class Flora(HeteroRankLora):
         """Send the shared initial adapter at the node's rank, plus the residual."""
         content = super().node_content(server_round, node, config)
         if self.residual:
-            content[proto.RESIDUAL] = to_record(pairs_state(self.residual))
+            # adapter-sized like ARRAYS (and most of FLoRA's downlink): transport
+            # dtype too; the server keeps its float32 copy, so rounding never adds up
+            content[proto.RESIDUAL] = self.wire(pairs_state(self.residual))
         return content

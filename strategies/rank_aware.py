@@ -29,7 +29,6 @@ from fedlora.lora.state import (
     factor_pairs,
     from_record,
     matrix_names,
-    to_record,
 )
 from strategies.aggregation import weighted_mean
 from strategies.config import ExperimentConfig
@@ -109,6 +108,7 @@ class HeteroRankLora(FedAvgLora):
             max_rank=cfg.adapter.rank,
             alpha=cfg.adapter.alpha,
             use_rslora=cfg.adapter.use_rslora,
+            transport_dtype=fed.transport_dtype,
             **cls.extra_kwargs(cfg),
         )
         strategy.query_timeout = fed.round_timeout
@@ -204,7 +204,7 @@ class HeteroRankLora(FedAvgLora):
         """Train/evaluate message content for ``node``."""
         return RecordDict(
             {
-                proto.ARRAYS: to_record(self.client_state(server_round, node)),
+                proto.ARRAYS: self.wire(self.client_state(server_round, node)),
                 proto.CONFIG: config,
             }
         )
@@ -265,7 +265,7 @@ class HeteroRankLora(FedAvgLora):
         node = msg.metadata.src_node_id
         if node not in self.nodes:
             return f"node {node} never reported its rank"
-        return reply_problem(msg, self.expected_for(node))
+        return reply_problem(msg, self.expected_for(node), dtype=self.transport_dtype)
 
     def merge(
         self, server_round: int, replies: list[Message], weights: list[float]

@@ -46,7 +46,6 @@ from fedlora.lora.state import (
     from_record,
     matrix_names,
     pairs_state,
-    to_record,
 )
 from fedlora.she.columns import Selection, negotiate, unswap_columns
 from fedlora.she.keys import context_id, load_public_context
@@ -173,11 +172,11 @@ class SheLora(HeteroRankLora):
         content = RecordDict({proto.CONFIG: own})
         if self.plain:
             state = {k: state[k] for k in head_keys(state)}
-            content[proto.SHE_PLAIN] = to_record(pairs_state(self.plain))
+            content[proto.SHE_PLAIN] = self.wire(pairs_state(self.plain))
             content[proto.SHE_CIPHER] = ConfigRecord(
                 {f"c{i}": c for i, c in enumerate(self.summed)}
             )
-        content[proto.ARRAYS] = to_record(state)
+        content[proto.ARRAYS] = self.wire(state)
         return content
 
     # -- replies ------------------------------------------------------------

@@ -61,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
     state_out, records, she_metrics = she.seal(
         sealed, outcome.state, config, for_site(cfg, site), outcome.num_examples
     )
-    arrays_out = to_record(state_out)
+    arrays_out = to_record(state_out, cfg.federation.transport_dtype)
     values = proto.train_metrics(
         num_examples=outcome.num_examples,
         loss=outcome.result.loss,

@@ -26,6 +26,7 @@ from fedlora.config.flat import (
 from fedlora.config.privacy import PrivacyConfig
 from fedlora.lora.variants import VARIANTS
 from fedlora.presets import MODEL_PRESETS
+from fedlora.protocol import TRANSPORT_DTYPES
 
 __all__ = [
     "AdapterConfig",
@@ -242,6 +243,14 @@ class FederationConfig:
             "adapter.rank, the global maximum; empty = every client uses adapter.rank."
         ),
     )
+    transport_dtype: str = field(
+        default="float32",
+        metadata=field_help(
+            "Element type of the adapter tensors on the wire, both ways: float32 "
+            "(exact), bfloat16 or float16 (half the bytes, rounded once per "
+            "message); the server aggregates in float32 either way."
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_range("federation.clients", self.clients, low=1)
@@ -263,6 +272,9 @@ class FederationConfig:
         )
         for i, r in enumerate(self.client_ranks):
             check_range(f"federation.client_ranks[{i}]", r, low=1)
+        check_choice(
+            "federation.transport_dtype", self.transport_dtype, TRANSPORT_DTYPES
+        )
         if self.min_clients > self.clients:
             raise ConfigError(
                 f"federation.min_clients={self.min_clients} exceeds "

@@ -10,14 +10,18 @@ head when it is trained). They are never rewritten by hand: loading goes through
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from fedlora.protocol import RAW_STYPE, TRANSPORT_DTYPES
+
 if TYPE_CHECKING:
-    from flwr.app import ArrayRecord
+    from flwr.app import Array, ArrayRecord
     from peft import PeftModel
 
 StateDict = dict[str, Tensor]
@@ -101,18 +105,95 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, Tensor]) -> None:
         raise KeyError(f"peft did not load adapter keys: {unexpected[:5]}")
 
 
-def to_record(state: Mapping[str, Tensor]) -> ArrayRecord:
-    """Adapter tensors -> Flower ArrayRecord (float32; numpy has no bfloat16)."""
+# Wire element type -> torch dtype; bytes of the 16-bit types are read through an
+# int16 view because numpy (Flower's Array) has no bfloat16.
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def encode_array(key: str, tensor: Tensor, dtype: str = "float32") -> Array:
+    """One adapter tensor -> Flower ``Array`` in the wire ``dtype``.
+
+    float32 is Flower's numpy ``Array`` (the bytes of ``np.save``). The 16-bit
+    types are rounded by torch (``tensor.to(dtype)``, round-to-nearest-even) and
+    shipped as raw little-endian element bytes, ``2 * numel`` bytes with
+    ``stype = protocol.RAW_STYPE``: numpy cannot hold bfloat16, and no numpy header
+    (about 128 bytes a tensor) keeps a 16-bit payload at half the float32 one.
+
+    Raises
+    ------
+    ValueError
+        If ``dtype`` is not a transport dtype, or a finite value overflows it
+        (float16 above 65504), naming ``key``.
+    """
+    from flwr.app import Array
+
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(
+            f"{key}: transport dtype {dtype!r}; allowed: {list(TRANSPORT_DTYPES)}"
+        )
+    source = tensor.detach().to("cpu", torch.float32)
+    if dtype == "float32":
+        return Array(source.numpy())
+    cast = source.to(_TORCH_DTYPES[dtype]).contiguous()
+    if (torch.isfinite(source) & ~torch.isfinite(cast)).any():
+        raise ValueError(
+            f"{key}: a value overflows {dtype} (max |x| {source.abs().max():.3g}); "
+            "use federation.transport_dtype=bfloat16 or float32"
+        )
+    data = cast.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+    return Array(dtype=dtype, shape=tuple(cast.shape), stype=RAW_STYPE, data=data)
+
+
+def decode_array(array: Array) -> Tensor:
+    """Flower ``Array`` -> CPU tensor; 16-bit wire types come back as float32.
+
+    The upcast is exact, so the server aggregates in float32 what the client sent,
+    and ``load_adapter_state`` casts it to each parameter's own dtype.
+
+    Raises
+    ------
+    ValueError
+        If the payload does not match its declared dtype, stype or shape.
+    """
+    if array.stype != RAW_STYPE:
+        values = array.numpy()
+        if (str(values.dtype), values.shape) != (array.dtype, tuple(array.shape)):
+            raise ValueError(
+                f"payload is {values.dtype} {values.shape}, declared "
+                f"{array.dtype} {tuple(array.shape)}"
+            )
+        return torch.from_numpy(values)
+    if array.dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"raw payload of dtype {array.dtype!r}; allowed: 16-bit")
+    size = TRANSPORT_DTYPES[array.dtype] * math.prod(array.shape)
+    if len(array.data) != size:
+        raise ValueError(
+            f"{len(array.data)} bytes for shape {tuple(array.shape)} in "
+            f"{array.dtype} (expected {size})"
+        )
+    bits = np.frombuffer(array.data, dtype="<i2").astype(np.int16)
+    wide = torch.from_numpy(bits).view(_TORCH_DTYPES[array.dtype]).float()
+    return wide.reshape(tuple(array.shape))
+
+
+def to_record(state: Mapping[str, Tensor], dtype: str = "float32") -> ArrayRecord:
+    """Adapter tensors -> Flower ArrayRecord, each in the wire ``dtype``.
+
+    ``dtype`` is ``federation.transport_dtype`` for what goes on the wire; records
+    that never leave the server (the global adapter between rounds) stay float32.
+    """
     from flwr.app import ArrayRecord
 
-    return ArrayRecord(
-        {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
-    )
+    return ArrayRecord({k: encode_array(k, v, dtype) for k, v in state.items()})
 
 
 def from_record(record: ArrayRecord) -> StateDict:
-    """Flower ArrayRecord -> adapter tensors (CPU)."""
-    return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+    """Flower ArrayRecord -> adapter tensors (CPU; 16-bit wire types as float32)."""
+    return {k: decode_array(v) for k, v in record.items()}
 
 
 def num_params(state: Mapping[str, Tensor]) -> int:

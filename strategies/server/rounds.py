@@ -147,6 +147,8 @@ def run_federation(
         rows = [first]
         run_dir.append_metrics(first)
         on_row(first)
+    # The server's own copy between rounds: float32 whatever the transport dtype
+    # (strategies encode what they send with ``FedAvgLora.wire``).
     arrays: ArrayRecord = to_record(state)
     timeout = cfg.federation.round_timeout
     for rnd in range(done + 1, cfg.federation.rounds + 1):
