@@ -115,9 +115,19 @@ def pyproject_config() -> dict[str, Any]:
     return out
 
 
+# Run-config keys whose default ("auto") ExperimentConfig resolves when it is built
+# (from the model): pyproject declares "auto" so an override of the model re-resolves.
+RESOLVED_WHEN_BUILT = {"data.prompt_format": "auto"}
+
+
+def default_run_config() -> dict[str, Any]:
+    """Return the flat run-config defaults as pyproject.toml declares them."""
+    return {**flatten_config(ExperimentConfig()), **RESOLVED_WHEN_BUILT}
+
+
 def render_pyproject_section(experiment: ExperimentConfig | None = None) -> str:
     """``[tool.flwr.app.config]`` TOML for the defaults (one table per group)."""
-    flat = flatten_config(experiment or ExperimentConfig())
+    flat = flatten_config(experiment) if experiment else default_run_config()
     top = {k: v for k, v in flat.items() if "." not in k}
     groups: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():

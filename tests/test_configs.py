@@ -14,8 +14,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from fedlora.config.flat import ConfigError, flatten_config
-from simulations.experiment import CONF_DIR, from_hydra, pyproject_config
+from fedlora.config.flat import ConfigError, build_config, flatten_config
+from simulations.experiment import (
+    CONF_DIR,
+    default_run_config,
+    from_hydra,
+    pyproject_config,
+)
 from strategies.config import ExperimentConfig
 
 GROUP_CLASSES = {
@@ -36,9 +41,10 @@ REQUIRED = {
 # Options that need a compatible choice in another group to validate.
 PAIRED = {
     ("data", "synthetic_instruct"): ["model=tiny_llama"],
+    ("model", "smollm2"): ["data=synthetic_instruct"],
     ("strategy", "she_lora"): ["federation.fraction_evaluate=1.0"],
 }
-EXPECTED_FILES = 31
+EXPECTED_FILES = 32
 
 
 def _compose(overrides: list[str]) -> dict[str, Any]:
@@ -154,12 +160,20 @@ def test_an_option_lists_only_what_it_changes_from_its_base() -> None:
 def test_pyproject_run_config_equals_schema_and_defaults() -> None:
     """[tool.flwr.app.config] = flat ExperimentConfig() = composed Hydra defaults."""
     declared = pyproject_config()
-    schema = flatten_config(ExperimentConfig())
+    schema = default_run_config()
     assert set(declared) == set(schema), set(declared) ^ set(schema)
     differ = {k: (declared[k], schema[k]) for k in schema if declared[k] != schema[k]}
     assert not differ, differ
+    # the keys declared "auto" resolve when the config is built, from the model
+    built = build_config(ExperimentConfig, declared)
+    assert flatten_config(built) == flatten_config(ExperimentConfig())
+    assert built.data.prompt_format == "alpaca"  # minilm has no chat template
+    smol = build_config(ExperimentConfig, {**declared, "model.name": "smollm2",
+                                           "data.source": "synthetic_instruct",
+                                           "data.task": "causal_lm"})  # fmt: skip
+    assert smol.data.prompt_format == "chat"
     hydra_default, _ = from_hydra(_compose([]))
-    assert flatten_config(hydra_default) == schema
+    assert flatten_config(hydra_default) == flatten_config(ExperimentConfig())
 
 
 def test_dp_study_sweep_is_the_grid_and_every_job_validates() -> None:

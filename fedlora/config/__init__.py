@@ -12,7 +12,7 @@ flat run-config tools in ``fedlora.config.flat``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedlora.config.data import DataConfig
@@ -286,6 +286,14 @@ class FederationConfig:
 CLIENT_GROUPS = ("seed", "model", "data", "adapter", "train", "federation", "privacy")
 
 
+def resolve_prompt_format(data: DataConfig, model: ModelConfig) -> DataConfig:
+    """``data.prompt_format=auto`` -> ``chat`` for chat presets, else ``alpaca``."""
+    if data.prompt_format != "auto":
+        return data
+    chat = model.name in MODEL_PRESETS and MODEL_PRESETS.get(model.name).chat
+    return replace(data, prompt_format="chat" if chat else "alpaca")
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """Everything a client needs: the client-side groups plus the seed."""
@@ -306,6 +314,12 @@ class ClientConfig:
         return ranks[partition_id % len(ranks)] if ranks else self.adapter.rank
 
     def __post_init__(self) -> None:
+        if self.data.prompt_format == "auto":
+            # Resolved once here, so the flat run config that reaches every site
+            # carries the concrete format (frozen dataclass: set through object).
+            object.__setattr__(
+                self, "data", resolve_prompt_format(self.data, self.model)
+            )
         if self.model.name in MODEL_PRESETS:
             tasks = MODEL_PRESETS.get(self.model.name).tasks
             if self.data.task not in tasks:

@@ -9,7 +9,7 @@ from pathlib import PurePath
 from fedlora.config.flat import ConfigError, check_choice, check_range, field_help
 from fedlora.data import DATA_SOURCES
 from fedlora.data.files import HEADERLESS_EXTENSIONS
-from fedlora.data.sources import TASKS
+from fedlora.data.sources import PROMPT_FORMATS, TASKS
 
 PARTITIONERS = ("iid", "dirichlet")
 
@@ -75,6 +75,14 @@ class DataConfig:
         default=1000, metadata=field_help("Cap on held-out examples (evaluation cost).")
     )
     max_length: int = field(default=64, metadata=field_help("Tokens per example."))
+    prompt_format: str = field(
+        default="auto",
+        metadata=field_help(
+            "Causal LM prompts: alpaca (### Instruction / ### Response text), chat "
+            "(the model's chat template; needed for messages rows) or auto (chat for "
+            "chat presets such as smollm2, else alpaca)."
+        ),
+    )
     partitioner: str = field(
         default="dirichlet", metadata=field_help("iid or dirichlet (non-IID by label).")
     )
@@ -87,6 +95,7 @@ class DataConfig:
         check_choice("data.source", self.source, DATA_SOURCES.names())
         check_choice("data.task", self.task, TASKS)
         check_choice("data.partitioner", self.partitioner, PARTITIONERS)
+        check_choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)
         if self.source in ("local", "hf") and not self.path:
             raise ConfigError(
                 f"data.path is empty but data.source={self.source!r} needs it "

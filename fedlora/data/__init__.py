@@ -60,7 +60,7 @@ def _load_synthetic(cfg: DataConfig, seed: int) -> datasets.Dataset:
 
 
 def _load_synthetic_instruct(cfg: DataConfig, seed: int) -> datasets.Dataset:
-    return instruct.generate(cfg.num_examples, seed)
+    return instruct.generate(cfg.num_examples, seed, cfg.prompt_format)
 
 
 DATA_SOURCES.register("synthetic", DataSource(_load_synthetic, ("classification",)))

@@ -10,8 +10,11 @@ handling (rows are counted from 1 in file order, the header not counted):
   lie in ``[0, num_classes)``; string labels map to ids in sorted order of the distinct
   values (digit strings are read as integers).
 - causal_lm: the format is detected from the columns, first match wins:
-  ``instruction,output`` (+ optional ``input``, Alpaca), ``prompt,completion``, then
-  ``data.text_column`` as plain text (empty prompt, the whole text is the completion).
+  ``messages`` (a chat: a list of ``{"role", "content"}`` ending with the assistant's
+  response; needs ``data.prompt_format=chat``), ``instruction,output`` (+ optional
+  ``input``, Alpaca), ``prompt,completion``, then ``data.text_column`` as plain text
+  (empty prompt, the whole text is the completion). Prompts are written in
+  ``data.prompt_format`` (see :mod:`fedlora.data.sources`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlora.data.sources import alpaca_prompt
+from fedlora.data.sources import instruction_prompt, plain_prompt, split_conversation
 
 if TYPE_CHECKING:
     import datasets
@@ -134,6 +137,14 @@ def needed_columns(columns: list[str], cfg: DataConfig, origin: str) -> list[str
                     f"are {columns}; set data.{key}=<one of them>"
                 )
         return [cfg.text_column, cfg.label_column]
+    if "messages" in columns:
+        if cfg.prompt_format != "chat":
+            raise ValueError(
+                f"{origin}: a messages column is a chat; it needs "
+                f"data.prompt_format=chat (a model with a chat template), not "
+                f"{cfg.prompt_format!r}"
+            )
+        return ["messages"]
     if {"instruction", "output"} <= set(columns):
         return [c for c in ("instruction", "input", "output") if c in columns]
     if {"prompt", "completion"} <= set(columns):
@@ -141,9 +152,9 @@ def needed_columns(columns: list[str], cfg: DataConfig, origin: str) -> list[str
     if cfg.text_column in columns:
         return [cfg.text_column]
     raise ValueError(
-        f"{origin}: causal_lm data needs columns instruction,output (+input), "
-        f"prompt,completion or {cfg.text_column!r} (data.text_column); the columns "
-        f"are {columns}; rename them or set data.text_column=<one of them>"
+        f"{origin}: causal_lm data needs columns messages, instruction,output "
+        f"(+input), prompt,completion or {cfg.text_column!r} (data.text_column); "
+        f"the columns are {columns}; rename them or set data.text_column=<one of them>"
     )
 
 
@@ -204,15 +215,23 @@ def table_rows(
             f"{origin}: column {cfg.label_column!r}",
         )
         return {"text": texts, "label": labels}
-    if columns[0] == "instruction":
+    fmt = cfg.prompt_format
+    if columns[0] == "messages":
+        pairs = [
+            split_conversation(v, f"{origin}: row {row}")
+            for row, v in enumerate(frame["messages"].tolist(), start=1)
+        ]
+        prompts, completions = [p for p, _ in pairs], [c for _, c in pairs]
+    elif columns[0] == "instruction":
         inputs = _strings(frame["input"]) if "input" in columns else [""] * len(frame)
         prompts = [
-            alpaca_prompt(i, x)
+            instruction_prompt(i, x, fmt)
             for i, x in zip(_strings(frame["instruction"]), inputs, strict=True)
         ]
         completions = _strings(frame["output"])
     elif columns[0] == "prompt":
-        prompts, completions = _strings(frame["prompt"]), _strings(frame["completion"])
+        prompts = [plain_prompt(p, fmt) for p in _strings(frame["prompt"])]
+        completions = _strings(frame["completion"])
     else:
         completions = _strings(frame[cfg.text_column])
         prompts = [""] * len(completions)

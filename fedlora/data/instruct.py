@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from fedlora.data.sources import alpaca_prompt
+from fedlora.data.sources import instruction_prompt
 
 if TYPE_CHECKING:
     import datasets
@@ -183,7 +183,9 @@ def _make_capital_task(table: dict[str, str]) -> Task:
     return capital
 
 
-def generate(num_examples: int, seed: int) -> datasets.Dataset:
+def generate(
+    num_examples: int, seed: int, prompt_format: str = "alpaca"
+) -> datasets.Dataset:
     """Generate ``num_examples`` instruction/response pairs.
 
     Parameters
@@ -192,6 +194,8 @@ def generate(num_examples: int, seed: int) -> datasets.Dataset:
         Rows to generate; the tasks take turns, so each gets about a sixth.
     seed : int
         Seed of every random choice; equal seeds give identical datasets.
+    prompt_format : str (default: "alpaca")
+        ``alpaca`` or ``chat`` (see :func:`fedlora.data.sources.instruction_prompt`).
 
     Returns
     -------
@@ -214,6 +218,6 @@ def generate(num_examples: int, seed: int) -> datasets.Dataset:
     prompts, completions = [], []
     for task_id in order:
         instruction, input_text, answer = tasks[task_id](rng)
-        prompts.append(alpaca_prompt(instruction, input_text))
+        prompts.append(instruction_prompt(instruction, input_text, prompt_format))
         completions.append(answer)
     return datasets.Dataset.from_dict({"prompt": prompts, "completion": completions})

@@ -7,7 +7,10 @@ Causal LM: ``ids = [bos] + tok(prompt) + tok(completion) + [eos]`` cut to the fi
 ``L`` tokens, and ``labels`` equal to ``ids`` except ``-100`` on the bos and prompt
 positions, so the loss covers the completion and the end token only. ``labels`` are
 not shifted: Hugging Face causal LMs (and ``fedlora.train``) shift them by one.
-Tokenizers without bos/eos (BERT WordPiece) use ``[CLS]``/``[SEP]`` instead.
+Tokenizers without bos/eos (BERT WordPiece) use ``[CLS]``/``[SEP]`` instead. With
+``data.prompt_format=chat`` the prompt is rendered by the tokenizer's chat template
+(which writes its own start tokens, so no bos is added) and ``eos`` (for chat models
+the end-of-turn token) closes the response.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from fedlora.data.sources import SCHEMAS, column
+from fedlora.data.sources import SCHEMAS, column, parse_chat_prompt
 
 if TYPE_CHECKING:
     import datasets
@@ -115,7 +118,8 @@ class TokenizedDataset(Dataset[dict[str, Tensor]]):
         elif cfg.task == "classification":
             self._items = _encode_classification(ds, tokenizer, cfg.max_length)
         else:
-            self._items = _encode_causal(ds, tokenizer, cfg.max_length)
+            chat = cfg.prompt_format == "chat"
+            self._items = _encode_causal(ds, tokenizer, cfg.max_length, chat=chat)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -140,14 +144,49 @@ def _encode_classification(
     ]
 
 
+def chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int
+) -> list[list[int]]:
+    """Token ids of chat prompts (JSON message lists) through the chat template.
+
+    Each ends with the template's assistant header (``add_generation_prompt``), so
+    the completion tokens follow as the assistant's turn; the template writes its own
+    start tokens. An empty prompt (no messages) is no tokens. Cut to ``max_length``.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"data.prompt_format=chat but the tokenizer ({type(tokenizer).__name__}) "
+            "has no chat template; use data.prompt_format=alpaca or a chat model"
+        )
+    out: list[list[int]] = []
+    for prompt in prompts:
+        messages = parse_chat_prompt(prompt)
+        if not messages:
+            out.append([])
+            continue
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        out.append(list(ids)[:max_length])
+    return out
+
+
 def _encode_causal(
-    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+    ds: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    *,
+    chat: bool = False,
 ) -> list[dict[str, Tensor]]:
     start, end = special_ids(tokenizer)
     # Each part is cut to L already: the join keeps the first L tokens anyway, and
     # this avoids "sequence longer than the model maximum" warnings on long texts.
     kwargs = {"add_special_tokens": False, "truncation": True, "max_length": max_length}
-    prompts = tokenizer(column(ds, "prompt"), **kwargs)["input_ids"]
+    if chat:  # the template writes the start tokens; eos ends the assistant turn
+        prompts = chat_prompt_ids(tokenizer, column(ds, "prompt"), max_length)
+        start = None
+    else:
+        prompts = tokenizer(column(ds, "prompt"), **kwargs)["input_ids"]
     completions = tokenizer(column(ds, "completion"), **kwargs)["input_ids"]
     items = []
     dropped = 0
