@@ -66,6 +66,8 @@ BYTES_UP = "bytes-up"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 EVAL_PERPLEXITY = "eval-perplexity"
+EVAL_EXACT_MATCH = "eval-exact-match"
+EVAL_ROUGE_L = "eval-rouge-l"
 RANK = "rank"
 HE_BUDGET = "he-budget"
 HE_ENCRYPT_SECONDS = "he-encrypt-seconds"
@@ -174,15 +176,22 @@ def evaluate_metrics(
     loss: float,
     accuracy: float | None,
     perplexity: float | None,
+    exact_match: float | None = None,
+    rouge_l: float | None = None,
 ) -> dict[str, MetricValue]:
     """Build the ``METRICS`` of an evaluate reply.
 
-    Accuracy for classification, perplexity for causal LM; the one that does not
-    apply is absent.
+    Accuracy for classification, perplexity for causal LM (and exact match and
+    ROUGE-L with ``train.eval_generate > 0``); a measure that does not apply is
+    absent. The server averages each over clients weighted by ``NUM_EXAMPLES``.
     """
     values: dict[str, MetricValue] = {NUM_EXAMPLES: num_examples, EVAL_LOSS: loss}
-    if accuracy is not None:
-        values[EVAL_ACCURACY] = accuracy
-    if perplexity is not None:
-        values[EVAL_PERPLEXITY] = perplexity
+    for key, value in (
+        (EVAL_ACCURACY, accuracy),
+        (EVAL_PERPLEXITY, perplexity),
+        (EVAL_EXACT_MATCH, exact_match),
+        (EVAL_ROUGE_L, rouge_l),
+    ):
+        if value is not None:
+            values[key] = value
     return values

@@ -41,6 +41,8 @@ class EvalResult(NamedTuple):
     accuracy: float | None  # classification only
     perplexity: float | None  # causal LM only: exp(loss)
     num_examples: int
+    exact_match: float | None = None  # causal LM with train.eval_generate > 0
+    rouge_l: float | None = None  # likewise (ROUGE-L F-measure)
 
 
 def derive_seed(*parts: int | str) -> int:

@@ -95,6 +95,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         loss=result.loss,
         accuracy=result.accuracy,
         perplexity=result.perplexity,
+        exact_match=result.exact_match,
+        rouge_l=result.rouge_l,
     )
     return Message(RecordDict({proto.METRICS: MetricRecord(values)}), reply_to=msg)
 

@@ -19,6 +19,7 @@ from fedlora.cache import collator, model_bundle, partition_dataset, set_trainab
 from fedlora.client.site import SiteConfig
 from fedlora.config import ClientConfig
 from fedlora.config.flat import ConfigError
+from fedlora.generation import with_generation
 from fedlora.lora.residual import Residual, set_residual
 from fedlora.lora.state import (
     A_SUFFIX,
@@ -189,7 +190,7 @@ def evaluate_round(
     data = partition_dataset(
         cfg, site.partition_id, site.num_partitions, site.data_path
     )
-    return evaluate(
+    result = evaluate(
         bundle.model,
         data,
         collator(cfg),
@@ -197,6 +198,7 @@ def evaluate_round(
         batch_size=cfg.train.eval_batch_size,
         device=bundle.device,
     )
+    return with_generation(result, bundle.model, data, cfg, bundle.device)
 
 
 def column_scores_for_site(

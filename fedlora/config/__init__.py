@@ -199,6 +199,16 @@ class TrainConfig:
     eval_batch_size: int = field(
         default=64, metadata=field_help("Evaluation batch size.")
     )
+    eval_generate: int = field(
+        default=0,
+        metadata=field_help(
+            "Causal LM: greedy-decode this many held-out prompts at every evaluation "
+            "and score exact match and ROUGE-L (0 = loss and perplexity only)."
+        ),
+    )
+    max_new_tokens: int = field(
+        default=32, metadata=field_help("Cap on the length of a generated answer.")
+    )
 
     def __post_init__(self) -> None:
         check_range("train.lr", self.lr, low=0, low_open=True)
@@ -209,6 +219,8 @@ class TrainConfig:
         check_range("train.warmup_steps", self.warmup_steps, low=0)
         check_range("train.max_grad_norm", self.max_grad_norm, low=0)
         check_range("train.eval_batch_size", self.eval_batch_size, low=1)
+        check_range("train.eval_generate", self.eval_generate, low=0)
+        check_range("train.max_new_tokens", self.max_new_tokens, low=1)
 
 
 @dataclass(frozen=True)

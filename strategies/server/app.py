@@ -15,7 +15,7 @@ from fedlora.lora.state import num_params
 from strategies.config import ExperimentConfig
 from strategies.registry import build_strategy
 from strategies.server.plots import plot_run
-from strategies.server.rounds import CentralEvaluator, run_federation
+from strategies.server.rounds import EVAL_FIELDS, CentralEvaluator, run_federation
 from strategies.server.rundir import RunDir, config_dict, versions
 from strategies.server.table import format_table, run_columns
 
@@ -42,7 +42,9 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(cfg)
     evaluator = CentralEvaluator(cfg)
     header_printed = [False]
-    columns = run_columns(cfg.data.task, cfg.privacy.mode == "dp")
+    columns = run_columns(
+        cfg.data.task, cfg.privacy.mode == "dp", cfg.train.eval_generate > 0
+    )
 
     def on_row(row: dict[str, object]) -> None:
         lines = format_table([row], columns).splitlines()
@@ -69,15 +71,16 @@ def main(grid: Grid, context: Context) -> None:
                     "eval_loss",
                     "eval_accuracy",
                     "eval_perplexity",
+                    "eval_exact_match",
+                    "eval_rouge_l",
                     "fed_eval_loss",
                     "fed_eval_accuracy",
+                    "fed_eval_exact_match",
+                    "fed_eval_rouge_l",
                     "epsilon",
                 )
             },
-            "initial": {
-                k: result.rows[0].get(k)
-                for k in ("eval_loss", "eval_accuracy", "eval_perplexity")
-            },
+            "initial": {k: result.rows[0].get(k) for k in EVAL_FIELDS},
             "totals": {
                 "rounds": cfg.federation.rounds,
                 "bytes_up": sum(r.get("bytes_up", 0) for r in result.rows),

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from fedlora import protocol as proto
 from fedlora.cache import collator, heldout_dataset, model_bundle
 from fedlora.fingerprint import base_fingerprint
+from fedlora.generation import with_generation
 from fedlora.lora.residual import Residual, set_residual, write_residual_adapter
 from fedlora.lora.state import StateDict, from_record, load_adapter_state, to_record
 from fedlora.train import EvalResult, evaluate
@@ -72,13 +73,16 @@ class CentralEvaluator:
         """Load ``state`` (+ FLoRA residual) and evaluate on the held-out split."""
         set_residual(self.bundle.model, residual or {})
         load_adapter_state(self.bundle.model, state)
-        return evaluate(
+        result = evaluate(
             self.bundle.model,
             self.data,
             self.collate,
             task=self.cfg.data.task,
             batch_size=self.cfg.train.eval_batch_size,
             device=self.bundle.device,
+        )
+        return with_generation(
+            result, self.bundle.model, self.data, self.cfg, self.bundle.device
         )
 
     def save(
@@ -103,13 +107,20 @@ class FederationResult:
     rows: list[dict[str, Any]]
 
 
+EVAL_FIELDS = (
+    "eval_loss", "eval_accuracy", "eval_perplexity", "eval_exact_match", "eval_rouge_l"
+)  # fmt: skip
+
+
 def _eval_fields(result: EvalResult | None) -> dict[str, Any]:
     if result is None:
-        return dict.fromkeys(("eval_loss", "eval_accuracy", "eval_perplexity"))
+        return dict.fromkeys(EVAL_FIELDS)
     return {
         "eval_loss": result.loss,
         "eval_accuracy": result.accuracy,
         "eval_perplexity": result.perplexity,
+        "eval_exact_match": result.exact_match,
+        "eval_rouge_l": result.rouge_l,
     }
 
 

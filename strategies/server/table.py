@@ -11,6 +11,8 @@ COLUMNS = (
     ("eval_loss", "eval loss", "{:>9.4f}"),
     ("eval_accuracy", "eval acc", "{:>8.4f}"),
     ("eval_perplexity", "eval ppl", "{:>9.2f}"),
+    ("eval_exact_match", "exact match", "{:>11.4f}"),
+    ("eval_rouge_l", "rouge-L", "{:>7.4f}"),
     ("epsilon", "epsilon", "{:>7.3f}"),
     ("clients", "clients", "{:>7}"),
     ("bytes_up", "bytes up", "{:>10,}"),
@@ -22,10 +24,15 @@ COLUMNS = (
 STREAM_WIDTHS = {"bytes_up": 11, "bytes_down": 11, "seconds": 7, "round": 5}
 
 
-def run_columns(task: str, private: bool) -> list[str]:
-    """Return the columns a run of ``task`` (with or without DP) fills, in order."""
+def run_columns(task: str, private: bool, generate: bool = False) -> list[str]:
+    """Return the columns a run of ``task`` fills, in order.
+
+    ``private`` adds epsilon; ``generate`` (causal LM) exact match and ROUGE-L.
+    """
     metric = "eval_accuracy" if task == "classification" else "eval_perplexity"
     wanted = {"round", "train_loss", "eval_loss", metric, "clients", "bytes_up"}
+    if generate and task == "causal_lm":
+        wanted |= {"eval_exact_match", "eval_rouge_l"}
     wanted |= {"bytes_down", "seconds"} | ({"epsilon"} if private else set())
     return [key for key, _, _ in COLUMNS if key in wanted]
 
