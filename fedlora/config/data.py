@@ -75,6 +75,21 @@ class DataConfig:
         default=1000, metadata=field_help("Cap on held-out examples (evaluation cost).")
     )
     max_length: int = field(default=64, metadata=field_help("Tokens per example."))
+    instruction: str = field(
+        default="",
+        metadata=field_help(
+            "Causal LM from a labelled file: the question asked about each "
+            "data.text_column (e.g. 'Is the sentiment of this sentence positive or "
+            "negative?'); the answer is the label's name in data.label_names."
+        ),
+    )
+    label_names: tuple[str, ...] = field(
+        default=(),
+        metadata=field_help(
+            "With data.instruction: the answer for each class id, in id order "
+            "(e.g. [negative,positive])."
+        ),
+    )
     prompt_format: str = field(
         default="auto",
         metadata=field_help(
@@ -96,6 +111,7 @@ class DataConfig:
         check_choice("data.task", self.task, TASKS)
         check_choice("data.partitioner", self.partitioner, PARTITIONERS)
         check_choice("data.prompt_format", self.prompt_format, PROMPT_FORMATS)
+        self._check_instruction()
         if self.source in ("local", "hf") and not self.path:
             raise ConfigError(
                 f"data.path is empty but data.source={self.source!r} needs it "
@@ -117,6 +133,30 @@ class DataConfig:
                 "data.partitioner='dirichlet' needs labels; causal_lm data has none, "
                 "so the split falls back to iid",
                 stacklevel=2,
+            )
+
+    def _check_instruction(self) -> None:
+        """data.instruction turns text + label rows into question/answer rows."""
+        if not self.instruction and not self.label_names:
+            return
+        if self.task != "causal_lm" or self.source not in ("local", "hf"):
+            raise ConfigError(
+                "data.instruction/data.label_names ask a question about a labelled "
+                "file: they need data.task=causal_lm and data.source=local or hf, "
+                f"not task={self.task!r}, source={self.source!r}"
+            )
+        if not self.instruction.strip() or len(self.label_names) < 2:
+            raise ConfigError(
+                "data.instruction needs data.label_names (one answer per class id, "
+                "at least 2) and vice versa, e.g. data.instruction='Is the sentiment "
+                "positive or negative?' data.label_names=[negative,positive]"
+            )
+        if len(set(self.label_names)) < len(self.label_names) or any(
+            not n.strip() for n in self.label_names
+        ):
+            raise ConfigError(
+                f"data.label_names={list(self.label_names)}: names must be non-empty "
+                "and distinct"
             )
 
     def _check_columns(self) -> None:
@@ -150,7 +190,7 @@ class DataConfig:
                     f"({suffix or 'no extension'} files name their columns); "
                     "drop data.header and data.columns"
                 )
-        if self.task == "classification":
+        if self.task == "classification" or self.instruction:
             for key, name in (
                 ("text_column", self.text_column),
                 ("label_column", self.label_column),

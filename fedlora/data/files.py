@@ -14,7 +14,10 @@ handling (rows are counted from 1 in file order, the header not counted):
   response; needs ``data.prompt_format=chat``), ``instruction,output`` (+ optional
   ``input``, Alpaca), ``prompt,completion``, then ``data.text_column`` as plain text
   (empty prompt, the whole text is the completion). Prompts are written in
-  ``data.prompt_format`` (see :mod:`fedlora.data.sources`).
+  ``data.prompt_format`` (see :mod:`fedlora.data.sources`). With ``data.instruction``
+  a labelled file (``data.text_column``, ``data.label_column``) becomes questions:
+  the prompt is the instruction with the text as its input, the completion the
+  label's name in ``data.label_names``.
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ def needed_columns(columns: list[str], cfg: DataConfig, origin: str) -> list[str
     origin : str
         File path or dataset id, quoted in errors.
     """
-    if cfg.task == "classification":
+    if cfg.task == "classification" or cfg.instruction:
         for key, col in (
             ("text_column", cfg.text_column),
             ("label_column", cfg.label_column),
@@ -216,6 +219,20 @@ def table_rows(
         )
         return {"text": texts, "label": labels}
     fmt = cfg.prompt_format
+    if cfg.instruction:  # a labelled file asked as questions, answered by name
+        raw = frame[cfg.label_column]
+        values = raw.astype(object).where(raw.notna(), None).tolist()
+        names = list(cfg.label_names)
+        if all(v in names for v in values):  # labels written as the answers
+            ids = [names.index(v) for v in values]
+        else:
+            where = f"{origin}: column {cfg.label_column!r} (data.label_names)"
+            ids = label_ids(values, len(names), where)
+        prompts = [
+            instruction_prompt(cfg.instruction, text, fmt)
+            for text in _strings(frame[cfg.text_column])
+        ]
+        return {"prompt": prompts, "completion": [cfg.label_names[i] for i in ids]}
     if columns[0] == "messages":
         pairs = [
             split_conversation(v, f"{origin}: row {row}")

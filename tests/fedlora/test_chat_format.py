@@ -131,3 +131,49 @@ def test_smollm2_training_text_is_the_conversation_as_its_template_writes_it() -
         pairs = zip(item["input_ids"], item["labels"], strict=True)
         target = [t for t, y in pairs if y != IGNORE_INDEX]
         assert tok.decode(target) == column(ds, "completion")[i] + "<|im_end|>"
+
+
+def _labelled(tmp_path: Path, labels: list[Any]) -> Path:
+    path = tmp_path / "sst.tsv"
+    rows = [f"sentence {i} is here\t{y}" for i, y in enumerate(labels)]
+    path.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def _ask(path: Path, fmt: str, **extra: Any) -> DataConfig:
+    return DataConfig(
+        source="local", path=str(path), task="causal_lm", text_column="sentence",
+        partitioner="iid", prompt_format=fmt, instruction="Positive or negative?",
+        label_names=("negative", "positive"), **extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("labels", [[1, 0, 1], ["positive", "negative", "positive"]])
+def test_a_labelled_file_becomes_questions_answered_by_label_name(
+    tmp_path: Path, labels: list[Any]
+) -> None:
+    path = _labelled(tmp_path, labels)
+    chat = load_file(str(path), _ask(path, "chat"))
+    assert column(chat, "completion") == ["positive", "negative", "positive"]
+    assert parse_chat_prompt(column(chat, "prompt")[1]) == [
+        {"role": "user", "content": "Positive or negative?\n\nsentence 1 is here"}
+    ]
+    alpaca = load_file(str(path), _ask(path, "alpaca"))
+    assert column(alpaca, "prompt")[0] == (
+        "### Instruction:\nPositive or negative?\n\n### Input:\nsentence 0 is here"
+        "\n\n### Response:\n"
+    )
+
+
+def test_labels_outside_the_names_and_half_configured_questions_are_refused(
+    tmp_path: Path,
+) -> None:
+    path = _labelled(tmp_path, [0, 2])
+    with pytest.raises(ValueError, match=r"labels \[2\] are outside \[0, 2\)"):
+        load_file(str(path), _ask(path, "chat"))
+    with pytest.raises(ValueError, match="needs data.label_names"):
+        DataConfig(source="local", path="x.tsv", task="causal_lm", instruction="Q?")
+    with pytest.raises(ValueError, match="need data.task=causal_lm"):
+        DataConfig(
+            source="local", path="x.tsv", instruction="Q?", label_names=("a", "b")
+        )
