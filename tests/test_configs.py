@@ -247,3 +247,31 @@ def test_a_run_directory_inside_the_app_must_be_git_ignored(tmp_path: Path) -> N
     check_outside_app(PROJECT_ROOT / "outputs" / "x")  # ignored: fine
     with pytest.raises(ConfigError, match="Flower would package it"):
         check_outside_app(PROJECT_ROOT / "runs" / "x")
+
+
+def test_help_lists_every_choosable_group_and_option_defaults_first() -> None:
+    """`--help` names the groups by hand (to leave out base): it must match conf/."""
+    import yaml
+
+    config = yaml.safe_load((CONF_DIR / "config.yaml").read_text())
+    lines = config["hydra"]["help"]["template"].splitlines()
+    start = lines.index("== Configuration groups ==") + 3  # header, sentence, blank
+    listed = {}
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        group, options = line.split(":", 1)
+        listed[group] = [o.strip() for o in options.split(",")]
+    defaults = {
+        k: v for d in config["defaults"] if isinstance(d, dict) for k, v in d.items()
+    }
+    on_disk = {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in CONF_DIR.iterdir()
+        if d.is_dir() and d.name != "base"
+    }
+    assert set(listed) == set(on_disk)
+    for group, options in listed.items():
+        assert options[0] == defaults[group], group
+        assert sorted(options) == on_disk[group], group
+        assert options[1:] == sorted(options[1:]), group
