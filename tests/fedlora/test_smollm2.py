@@ -22,6 +22,9 @@ pytestmark = [
 ]
 
 CFG = ModelConfig(name="smollm2")
+# The first 2 of its 30 blocks: the same preset path (GGUF -> cached checkpoint ->
+# NF4), at a fraction of the CPU time of quantising all 135M parameters twice.
+TWO_BLOCKS = ModelConfig(name="smollm2", num_layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +32,8 @@ def two_loads() -> tuple[torch.nn.Module, torch.nn.Module]:
     """The preset loaded twice, as two sites would, each with its own adapter seed."""
     first, second = (
         wrap_lora(
-            load_base_model(CFG, task="causal_lm", num_labels=0, seed=seed),
-            CFG,
+            load_base_model(TWO_BLOCKS, task="causal_lm", num_labels=0, seed=seed),
+            TWO_BLOCKS,
             AdapterConfig(rank=4, alpha=8.0),
             task="causal_lm",
             seed=seed,
@@ -49,7 +52,7 @@ def test_two_loads_are_the_same_nf4_base_with_lora_on_every_linear(
     a = [p for n, p in first.named_parameters() if "lora_A" in n][0]
     b = [p for n, p in second.named_parameters() if "lora_A" in n][0]
     assert not torch.equal(a, b)
-    assert first.config.num_hidden_layers == 30
+    assert first.config.num_hidden_layers == 2
     names = [n for n, _ in first.named_parameters() if "lora_A" in n]
     lora = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in names}
     assert lora == set(MODEL_PRESETS.get("smollm2").default_targets)
@@ -57,17 +60,18 @@ def test_two_loads_are_the_same_nf4_base_with_lora_on_every_linear(
     assert type(q).__name__ == "Linear4bit"
 
 
-def test_the_tokenizer_carries_the_chat_template_and_the_model_answers(
-    two_loads: tuple[torch.nn.Module, torch.nn.Module],
-) -> None:
+def test_the_tokenizer_carries_the_chat_template_and_the_model_answers() -> None:
     tok = load_tokenizer(CFG)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
     ids = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True, return_tensors="pt", return_dict=True,
     )  # fmt: skip
-    model = two_loads[0]  # B = 0: the adapter does not change the base's answer
-    model.eval()
+    # all 30 blocks, unquantised (NF4 answers the same; quantising costs CPU time)
+    full = ModelConfig(name="smollm2", quantization="none")
+    model = load_base_model(full, task="causal_lm", num_labels=0, seed=0)
+    assert model.config.num_hidden_layers == 30
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1] :])
