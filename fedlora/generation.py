@@ -17,7 +17,7 @@ see the same text as the loss does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -57,37 +57,41 @@ def normalise_answer(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Share of predictions equal to their reference (see :func:`normalise_answer`)."""
+def _mean_over_pairs(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    score: Callable[[str, str], float],
+) -> float:
+    """Mean of ``score(prediction, reference)``; nan for no pairs."""
     if len(predictions) != len(references):
         raise ValueError(
             f"{len(predictions)} predictions, {len(references)} references"
         )
     if not references:
         return float("nan")
-    same = sum(
-        normalise_answer(p) == normalise_answer(r)
-        for p, r in zip(predictions, references, strict=True)
+    pairs = zip(predictions, references, strict=True)
+    return sum(score(p, r) for p, r in pairs) / len(references)
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Share of predictions equal to their reference (see :func:`normalise_answer`)."""
+    return _mean_over_pairs(
+        predictions,
+        references,
+        lambda p, r: float(normalise_answer(p) == normalise_answer(r)),
     )
-    return same / len(references)
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L F-measure (``rouge_score``, no stemming) over the pairs."""
     from rouge_score import rouge_scorer
 
-    if len(predictions) != len(references):
-        raise ValueError(
-            f"{len(predictions)} predictions, {len(references)} references"
-        )
-    if not references:
-        return float("nan")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    total = sum(
-        float(scorer.score(r, p)["rougeL"].fmeasure)
-        for p, r in zip(predictions, references, strict=True)
+    return _mean_over_pairs(
+        predictions,
+        references,
+        lambda p, r: float(scorer.score(r, p)["rougeL"].fmeasure),
     )
-    return total / len(references)
 
 
 @torch.no_grad()
