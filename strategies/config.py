@@ -13,10 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedlora.config import ClientConfig
-from fedlora.config.flat import ConfigError, build_config, check_choice
+from fedlora.config.flat import ConfigError, build_config, check_choice, check_range
 from strategies.registry import STRATEGIES, rank_aware_names
 
 WEIGHTINGS = ("num_examples", "uniform")
+
+
+# Variants whose clients train and send both factors every round: a server step
+# (momentum, server_lr) may move both without touching a factor frozen that round.
+SERVER_STEP = ("lora", "la_lora")
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,18 @@ class StrategyConfig:
     norm_weighting: bool = field(
         default=True,
         metadata={"help": "hetlora: also weight clients by ||s B A||_F."},
+    )
+    server_momentum: float = field(
+        default=0.0,
+        metadata={
+            "help": "fedavg: server momentum beta (FedAvgM, Hsu et al. 2019): the "
+            "global adapter moves by server_lr * v, v = beta * v + (average - global); "
+            "0 = plain FedAvg. Damps client drift under label skew."
+        },
+    )
+    server_lr: float = field(
+        default=1.0,
+        metadata={"help": "fedavg: server learning rate of that step (1 = FedAvg)."},
     )
     he_budgets: tuple[int, ...] = field(
         default=(4,),
@@ -63,6 +80,11 @@ class StrategyConfig:
     def __post_init__(self) -> None:
         check_choice("strategy.name", self.name, STRATEGIES.names())
         check_choice("strategy.weighting", self.weighting, WEIGHTINGS)
+        check_range(
+            "strategy.server_momentum", self.server_momentum, low=0, high=1,
+            high_open=True,
+        )  # fmt: skip
+        check_range("strategy.server_lr", self.server_lr, low=0, low_open=True)
         for i, k in enumerate(self.he_budgets):
             if k < 0:
                 raise ConfigError(
@@ -103,6 +125,17 @@ class ExperimentConfig(ClientConfig):
                 f"strategy={self.strategy.name} merges both factors of every client; "
                 f"adapter={self.adapter.variant} trains or sends one only. Use "
                 "adapter=lora"
+            )
+        plain = self.strategy.server_momentum == 0 and self.strategy.server_lr == 1
+        if not plain and (
+            self.strategy.name != "fedavg" or self.adapter.variant not in SERVER_STEP
+        ):
+            raise ConfigError(
+                f"strategy.server_momentum={self.strategy.server_momentum} / "
+                f"server_lr={self.strategy.server_lr} move both LoRA factors every "
+                f"round: they need strategy=fedavg and adapter in {list(SERVER_STEP)}, "
+                f"not strategy={self.strategy.name}, adapter={self.adapter.variant} "
+                "(a factor frozen that round would still move)"
             )
         if self.resume and not self.output_dir:
             raise ConfigError(

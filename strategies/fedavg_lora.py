@@ -51,6 +51,36 @@ class RoundStats:
         return max(values) if values else None
 
 
+def server_step(
+    old: StateDict,
+    average: StateDict,
+    velocity: StateDict,
+    *,
+    momentum: float,
+    lr: float,
+) -> tuple[StateDict, StateDict]:
+    """FedAvgM's server update of every tensor (Hsu, Qi and Brown, 2019).
+
+    With ``d = average - old`` (the FedAvg pseudo-gradient, negated) and ``v``
+    starting at 0: ``v <- momentum * v + d`` and ``new = old + lr * v``. Momentum 0
+    and lr 1 give ``new = average``, i.e. FedAvg.
+
+    Returns
+    -------
+    tuple[StateDict, StateDict]
+        The new global adapter and the new velocity (same keys and shapes as
+        ``average``; float32).
+    """
+    new, moved = {}, {}
+    for key, avg in average.items():
+        delta = avg.float() - old[key].float()
+        prev = velocity.get(key)
+        v = delta if prev is None else momentum * prev + delta
+        moved[key] = v
+        new[key] = old[key].float() + lr * v
+    return new, moved
+
+
 def metric(record: MetricRecord, key: str, default: float = float("nan")) -> float:
     """Scalar metric ``key`` as float (``default`` if absent or not a scalar)."""
     value = record.get(key)
@@ -98,6 +128,8 @@ class FedAvgLora(FedAvg):
         weighting: str = "num_examples",
         variant: Variant | None = None,
         transport_dtype: str = "float32",
+        server_momentum: float = 0.0,
+        server_lr: float = 1.0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -109,6 +141,11 @@ class FedAvgLora(FedAvg):
         self.weighting = weighting
         self.variant = variant or VARIANTS.get("lora")
         self.transport_dtype = transport_dtype
+        self.server_momentum = server_momentum
+        self.server_lr = server_lr
+        # FedAvgM's velocity per tensor (float32, like the global adapter); saved in
+        # the checkpoint so that a resumed run continues the same trajectory.
+        self.velocity: StateDict = {}
         self.global_state: StateDict | None = None
         self.stats: dict[int, RoundStats] = {}
 
@@ -124,6 +161,8 @@ class FedAvgLora(FedAvg):
             weighting=cfg.strategy.weighting,
             variant=VARIANTS.get(cfg.adapter.variant),
             transport_dtype=fed.transport_dtype,
+            server_momentum=cfg.strategy.server_momentum,
+            server_lr=cfg.strategy.server_lr,
         )
 
     # Attributes that a checkpoint must restore (subclasses name their own state).
@@ -143,12 +182,16 @@ class FedAvgLora(FedAvg):
         """Return what resuming needs besides the global adapter."""
         state: dict[str, object] = {a: getattr(self, a) for a in self.checkpoint_attrs}
         state["privacy"] = {r: s.privacy for r, s in self.stats.items()}
+        state["velocity"] = dict(self.velocity)
         return state
 
     def load_checkpoint_state(self, state: dict[str, object]) -> None:
         """Restore :meth:`checkpoint_state` (the DP reports feed summary.json)."""
         for attr in self.checkpoint_attrs:
             setattr(self, attr, state[attr])
+        velocity = state.get("velocity", {})
+        assert isinstance(velocity, dict)
+        self.velocity = dict(velocity)
         privacy = state.get("privacy", {})
         assert isinstance(privacy, dict)
         for rnd, reports in privacy.items():
@@ -296,6 +339,11 @@ class FedAvgLora(FedAvg):
             for m in metrics
         ]
         new_global = self.merge(server_round, good, weights)
+        if self.server_momentum or self.server_lr != 1.0:
+            new_global, self.velocity = server_step(
+                self._global(), new_global, self.velocity,
+                momentum=self.server_momentum, lr=self.server_lr,
+            )  # fmt: skip
         losses = [metric(m, proto.TRAIN_LOSS) for m in metrics]
         stats.train_loss = sum(
             w * x for w, x in zip(weights, losses, strict=True)
