@@ -78,8 +78,11 @@ def test_zero_noise_infinite_clip_equals_the_non_private_steps() -> None:
     bad = [
         k
         for k in out.state
-        # float32: Adam normalises tiny A gradients, so summation order shows at 1e-7
-        if not torch.allclose(out.state[k], reference[k], rtol=1e-5, atol=1e-6)
+        # float32: Adam normalises tiny A gradients (B starts at 0), so the order in
+        # which per-sample gradients are summed shows after a few steps, up to 8e-6
+        # in a fresh-clone run; a different batch, clip or noise moves an entry by
+        # about one step, lr = 2e-3, far above this tolerance.
+        if not torch.allclose(out.state[k], reference[k], rtol=1e-5, atol=5e-5)
     ]
     errs = [float((out.state[k] - reference[k]).abs().max()) for k in bad]
     assert not bad, f"{len(bad)} tensors differ: {bad[:3]} {errs[:3]}"
