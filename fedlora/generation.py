@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from fedlora.data.tokenize import IGNORE_INDEX, special_ids
+
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
     from transformers import PreTrainedTokenizerBase
 
     from fedlora.config import ClientConfig
     from fedlora.train import EvalResult
-
-IGNORE_INDEX = -100
 
 
 class GenerationScores(NamedTuple):
@@ -159,8 +159,6 @@ def generation_scores(
     n = min(examples, len(dataset))  # type: ignore[arg-type]
     pairs = [split_item(dataset[i]) for i in range(n)]
     pairs = [(p, r) for p, r in pairs if p]  # a prompt-less row has nothing to answer
-    from fedlora.data.tokenize import special_ids
-
     _, eos_id = special_ids(tokenizer)  # the end token training appended
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     answers = greedy_generate(
