@@ -122,6 +122,27 @@ def step_rule(cfg: ClientConfig) -> StepRule:
     )
 
 
+def logit_adjustment(labels: Tensor, num_classes: int, tau: float) -> Tensor:
+    """Additive logit offsets ``tau * log(prior)`` of a client's label prior.
+
+    ``labels``: ``(N,)`` class ids of the client's training examples. Returns
+    ``(num_classes,)``. The prior is Laplace-smoothed (``(n_c + 1) / (N + C)``),
+    so a class the client never saw gets a finite, strongly negative offset.
+
+    Training on ``logits + offsets`` (the logit-adjusted loss of Menon et al.,
+    2021) leaves the model to explain the label given the input without encoding
+    this client's label frequencies; under label skew that is what keeps FedAvg
+    from averaging clients that each learnt "predict my majority class".
+    """
+    counts = torch.bincount(labels.long().flatten(), minlength=num_classes)
+    if counts.numel() > num_classes:
+        raise ValueError(
+            f"labels reach class {counts.numel() - 1}, beyond num_classes={num_classes}"
+        )
+    prior = (counts.double() + 1.0) / (counts.sum().double() + num_classes)
+    return (tau * prior.log()).float()
+
+
 def trainable_groups(
     model: nn.Module,
     cfg: TrainConfig,
@@ -173,6 +194,7 @@ def train_local(
     generator: torch.Generator,
     device: torch.device,
     rule: StepRule = StepRule(),  # noqa: B008 - immutable NamedTuple
+    logit_offsets: Tensor | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on the currently trainable parameters.
 
@@ -185,7 +207,11 @@ def train_local(
         Source of the data order (seed it from seed, round and client).
     rule : StepRule
         Alternation, gradient post-processing and the B/A learning-rate ratio.
+    logit_offsets : Tensor | None
+        Classification only: ``(C,)`` added to the logits inside the training loss
+        (see :func:`logit_adjustment`); ``None`` trains on the model's own loss.
     """
+    offsets = None if logit_offsets is None else logit_offsets.to(device)
     groups = trainable_groups(model, cfg, rule.lr_ratio_b, rule.lr_ratio_head)
     names = [n for g in groups for n in g["names"]]
     params = [p for g in groups for p in g["params"]]
@@ -208,8 +234,8 @@ def train_local(
         for _ in range(cfg.grad_accum):
             idx = next(batches)
             batch = to_device(collate([dataset[int(i)] for i in idx]), device)
-            loss = model(**batch).loss / cfg.grad_accum
-            loss.backward()
+            loss = batch_loss(model, batch, offsets) / cfg.grad_accum
+            loss.backward()  # type: ignore[no-untyped-call]  # torch stub
             step_loss += float(loss.detach())
             examples += len(idx)
         if cfg.max_grad_norm > 0:
@@ -232,6 +258,20 @@ def train_local(
         examples=examples,
         seconds=time.perf_counter() - start,
     )
+
+
+def batch_loss(model: nn.Module, batch: Batch, offsets: Tensor | None) -> Tensor:
+    """Mean training loss of ``batch``: the model's own, or the logit-adjusted CE.
+
+    With ``offsets`` (``(C,)``) the loss is ``CE(logits + offsets, labels)`` on
+    classification logits ``(B, C)``; the model itself is left unchanged.
+    """
+    if offsets is None:
+        loss: Tensor = model(**batch).loss
+        return loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()  # (B, C)
+    return nn.functional.cross_entropy(logits + offsets, batch["labels"])
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from fedlora.cache import collator, model_bundle, partition_dataset, set_trainable
 from fedlora.client.site import SiteConfig
@@ -31,10 +32,12 @@ from fedlora.lora.state import (
 )
 from fedlora.lora.variants import VARIANTS
 from fedlora.train import (
+    Batch,
     EvalResult,
     TrainResult,
     derive_seed,
     evaluate,
+    logit_adjustment,
     step_rule,
     train_local,
 )
@@ -154,9 +157,20 @@ def train_round(
         generator=torch.Generator().manual_seed(seed),
         device=bundle.device,
         rule=step_rule(cfg),
+        logit_offsets=label_offsets(cfg, data),
     )
     state = select(adapter_state(bundle.model), factors)
     return RoundOutcome(state=state, result=result, num_examples=len(data))
+
+
+def label_offsets(cfg: ClientConfig, data: Dataset[Batch]) -> Tensor | None:
+    """``train.logit_adjustment`` offsets from this client's labels (or ``None``)."""
+    tau = cfg.train.logit_adjustment
+    if not tau:
+        return None
+    n = len(data)  # type: ignore[arg-type]
+    labels = torch.stack([data[i]["labels"] for i in range(n)])  # (N,)
+    return logit_adjustment(labels, cfg.data.num_classes, tau)
 
 
 def check_frozen(

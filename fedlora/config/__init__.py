@@ -209,6 +209,13 @@ class TrainConfig:
     max_new_tokens: int = field(
         default=32, metadata=field_help("Cap on the length of a generated answer.")
     )
+    logit_adjustment: float = field(
+        default=0.0,
+        metadata=field_help(
+            "Classification under label skew: train on logits + tau * log(local "
+            "label prior) (logit-adjusted loss, Menon et al. 2021); tau here, 0 = off."
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_range("train.lr", self.lr, low=0, low_open=True)
@@ -221,6 +228,7 @@ class TrainConfig:
         check_range("train.eval_batch_size", self.eval_batch_size, low=1)
         check_range("train.eval_generate", self.eval_generate, low=0)
         check_range("train.max_new_tokens", self.max_new_tokens, low=1)
+        check_range("train.logit_adjustment", self.logit_adjustment, low=0)
 
 
 @dataclass(frozen=True)
@@ -358,6 +366,16 @@ class ClientConfig:
                     f"privacy.mode='dp' with train.grad_accum={self.train.grad_accum}: "
                     "a DP-SGD step is one Poisson batch; use train.batch_size instead"
                 )
+        if self.train.logit_adjustment and (
+            self.data.task != "classification" or self.privacy.mode == "dp"
+        ):
+            raise ConfigError(
+                f"train.logit_adjustment={self.train.logit_adjustment} needs "
+                "data.task='classification' and privacy.mode='none' (the local label "
+                "prior is a statistic of the raw data that DP-SGD does not account "
+                f"for); got data.task={self.data.task!r}, "
+                f"privacy.mode={self.privacy.mode!r}"
+            )
         if self.data.source == "synthetic" and self.data.task != "classification":
             raise ConfigError(
                 "data.source='synthetic' is a classification task; use "
