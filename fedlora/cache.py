@@ -37,6 +37,14 @@ class ModelBundle:
     device: torch.device
 
 
+_BUILDS = 0  # base models built by this process (the site worker reports it)
+
+
+def model_builds() -> int:
+    """How many base models this process has loaded and wrapped so far."""
+    return _BUILDS
+
+
 @lru_cache(maxsize=4)
 def _bundle(
     model_cfg: ModelConfig,
@@ -46,6 +54,8 @@ def _bundle(
     seed: int,
     rank: int,
 ) -> ModelBundle:
+    global _BUILDS
+    _BUILDS += 1
     base = load_base_model(model_cfg, task=task, num_labels=num_labels, seed=seed)
     model = wrap_lora(base, model_cfg, adapter_cfg, task=task, seed=seed, rank=rank)
     return ModelBundle(model, load_tokenizer(model_cfg), resolve_device(model_cfg))

@@ -73,6 +73,13 @@ HE_BUDGET = "he-budget"
 HE_ENCRYPT_SECONDS = "he-encrypt-seconds"
 HE_DECRYPT_SECONDS = "he-decrypt-seconds"
 HE_ENCRYPTED_FRACTION = "he-encrypted-fraction"
+# Where a client's time went (``fedlora.client.app``): process start to the
+# handler (first message of a process only), the handler (loading included),
+# and, with a site worker, the worker's handler and the base models it built.
+STARTUP_SECONDS = "startup-seconds"
+HANDLER_SECONDS = "handler-seconds"
+WORKER_SECONDS = "worker-seconds"
+WORKER_MODEL_LOADS = "worker-model-loads"
 
 # SHE-LoRA: server -> client config keys (``SHE_LIST`` is a prefix + matrix name).
 SHE_K = "she-k"

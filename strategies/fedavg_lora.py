@@ -87,6 +87,25 @@ def metric(record: MetricRecord, key: str, default: float = float("nan")) -> flo
     return float(value) if isinstance(value, (int, float)) else default
 
 
+def client_times(metrics: list[MetricRecord]) -> dict[str, float]:
+    """Where the replying clients' time went (``fedlora.client.app``'s metrics).
+
+    Slowest client's process start-up and handler time (loading included), and
+    how many base models the site workers built this round (0 once warm).
+    """
+
+    def most(key: str) -> float:
+        return max((metric(m, key, 0.0) for m in metrics), default=0.0)
+
+    return {
+        "client_startup_seconds_max": most(proto.STARTUP_SECONDS),
+        "client_handler_seconds_max": most(proto.HANDLER_SECONDS),
+        "client_model_loads": sum(
+            metric(m, proto.WORKER_MODEL_LOADS, 0.0) for m in metrics
+        ),
+    }
+
+
 class FedAvgLora(FedAvg):
     """Example-weighted FedAvg over the adapter tensors only.
 
@@ -349,6 +368,7 @@ class FedAvgLora(FedAvg):
             w * x for w, x in zip(weights, losses, strict=True)
         ) / sum(weights)
         stats.client_train_seconds = [metric(m, proto.TRAIN_SECONDS) for m in metrics]
+        stats.extra.update(client_times(metrics))
         log(
             INFO,
             "Round %d: aggregated %d of %d replies",

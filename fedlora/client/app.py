@@ -1,129 +1,106 @@
-"""Flower ClientApp: thin glue between Messages and ``fedlora.client.round``.
+"""Flower ClientApp: run each message here, or hand it to the site worker.
 
-Replies carry only the trained adapter tensors (ArrayRecord ``arrays``) and a
-MetricRecord ``metrics`` with ``num-examples`` (the FedAvg weight), ``train-loss``,
-timings and byte counts (``fedlora.protocol``). Errors propagate: Flower turns an
-exception into an error reply, and the server drops that client for the round and
-logs why. The cross-cutting parts are hooks around the round: SHE-LoRA opens the
-message and seals the reply (``fedlora.client.she``), DP-SGD loads and keeps the
-client's privacy ledger (``fedlora.client.private_round``); each is a no-op when
-its feature is off.
+By default the handlers (``fedlora.client.handlers``) run in this process: in a
+simulation that is a Ray actor that lives for the whole run, so the model is loaded
+once. A deployed SuperNode, though, starts a fresh ClientApp process per message.
+With ``site-worker=true`` (and ``state-dir``) in the node-config, this module only
+forwards the message to the site's long-lived worker (``fedlora.client.worker``,
+started on demand) and returns its reply, without importing torch.
+
+Every train and evaluate reply gains timing metrics (``fedlora.protocol``):
+``startup-seconds`` (process start to this handler, on a process's first message
+only, else 0), ``handler-seconds`` (the handler, model and data loading included)
+and, through the worker, ``worker-seconds`` and ``worker-model-loads``.
 """
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import time
+from collections.abc import Callable
+
+from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
-from torch import Tensor
 
 from fedlora import protocol as proto
-from fedlora.client import private_round as private
-from fedlora.client import she
-from fedlora.client.round import (
-    check_base_model,
-    column_scores_for_site,
-    evaluate_round,
-    for_site,
-    site_rank,
-    train_round,
-)
 from fedlora.client.site import SiteConfig
-from fedlora.config import ClientConfig
-from fedlora.lora.state import factor_pairs, from_record, to_record
 
 app = ClientApp()
+_FIRST = [True]  # whether this process has not handled a message yet
 
 
-def _residual(msg: Message) -> dict[str, tuple[Tensor, Tensor]]:
-    """FLoRA's merged update sent beside the adapter (empty for other strategies)."""
-    record = msg.content.array_records.get(proto.RESIDUAL)
-    return factor_pairs(from_record(record)) if record is not None else {}
+def _startup_seconds() -> float:
+    """Seconds from this process's start to now, on its first message; else 0."""
+    if not _FIRST[0]:
+        return 0.0
+    _FIRST[0] = False
+    import psutil
+
+    return max(0.0, time.time() - float(psutil.Process().create_time()))
+
+
+def _local(kind: str) -> Callable[[Message, Context], Message]:
+    from fedlora.client import handlers
+
+    return {"train": handlers.train, "evaluate": handlers.evaluate}.get(
+        kind, handlers.query
+    )
+
+
+def _via_worker(kind: str, msg: Message, context: Context, state_dir: str) -> Message:
+    """Forward to the site worker; copy back the reply and the context state."""
+    from flwr.common import serde
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    from fedlora.client import worker_link
+
+    head, content, state = worker_link.handle(
+        kind,
+        serde.message_to_proto(msg).SerializeToString(),
+        serde.context_to_proto(context).SerializeToString(),
+        state_dir,
+    )
+    new_state = serde.recorddict_from_proto(ProtoRecordDict.FromString(state))
+    for key in list(context.state.keys()):
+        del context.state[key]
+    for key, record in new_state.items():
+        context.state[key] = record
+    reply = serde.recorddict_from_proto(ProtoRecordDict.FromString(content))
+    metrics = reply.metric_records.get(proto.METRICS)
+    if metrics is not None:
+        metrics[proto.WORKER_SECONDS] = float(head.get("seconds", 0.0))
+        metrics[proto.WORKER_MODEL_LOADS] = int(head.get("built", 0))
+    return Message(reply, reply_to=msg)
+
+
+def _dispatch(kind: str, msg: Message, context: Context) -> Message:
+    startup = _startup_seconds()
+    start = time.perf_counter()
+    site = SiteConfig.from_node_config(context.node_config)
+    if site.worker:
+        reply = _via_worker(kind, msg, context, site.state_dir)
+    else:
+        reply = _local(kind)(msg, context)
+    if kind != "query" and reply.has_content():
+        metrics = reply.content.metric_records.get(proto.METRICS, MetricRecord())
+        metrics[proto.STARTUP_SECONDS] = startup
+        metrics[proto.HANDLER_SECONDS] = time.perf_counter() - start
+        reply.content[proto.METRICS] = metrics
+    return reply
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on local data; reply with trained tensors."""
-    cfg = ClientConfig.from_run_config(context.run_config)
-    site = SiteConfig.from_node_config(context.node_config)
-    arrays_in = msg.content.array_records[proto.ARRAYS]
-    config = msg.content.config_records[proto.CONFIG]
-    server_round = int(str(config[proto.SERVER_ROUND]))
-    frozen = str(config.get(proto.FROZEN_FINGERPRINT, ""))
-    check_base_model(cfg, site, str(config.get(proto.BASE_FINGERPRINT, "")))
-    global_state, sealed = she.open_message(
-        msg, for_site(cfg, site), site, context.run_config
-    )
-    ledger = private.open_ledger(cfg, site, context)
-    outcome = train_round(
-        cfg, site, server_round, global_state, frozen, ledger, _residual(msg)
-    )
-    private.keep_ledger(ledger, cfg, site, context)
-    state_out, records, she_metrics = she.seal(
-        sealed, outcome.state, config, for_site(cfg, site), outcome.num_examples
-    )
-    arrays_out = to_record(state_out, cfg.federation.transport_dtype)
-    values = proto.train_metrics(
-        num_examples=outcome.num_examples,
-        loss=outcome.result.loss,
-        steps=outcome.result.steps,
-        seconds=outcome.result.seconds,
-        bytes_down=arrays_in.count_bytes(),
-        bytes_up=arrays_out.count_bytes(),
-        partition_id=site.partition_id,
-        privacy=outcome.privacy,
-        extra=she_metrics,
-    )
-    content = RecordDict(
-        {proto.ARRAYS: arrays_out, proto.METRICS: MetricRecord(values)}
-    )
-    for key, record in records.items():
-        content[key] = record
-    return Message(content, reply_to=msg)
+    return _dispatch("train", msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter on this client's data."""
-    cfg = ClientConfig.from_run_config(context.run_config)
-    site = SiteConfig.from_node_config(context.node_config)
-    config = msg.content.config_records[proto.CONFIG]
-    check_base_model(cfg, site, str(config.get(proto.BASE_FINGERPRINT, "")))
-    state, _ = she.open_message(msg, for_site(cfg, site), site, context.run_config)
-    result = evaluate_round(cfg, site, state, _residual(msg))
-    values = proto.evaluate_metrics(
-        num_examples=result.num_examples,
-        loss=result.loss,
-        accuracy=result.accuracy,
-        perplexity=result.perplexity,
-        exact_match=result.exact_match,
-        rouge_l=result.rouge_l,
-    )
-    return Message(RecordDict({proto.METRICS: MetricRecord(values)}), reply_to=msg)
+    return _dispatch("evaluate", msg, context)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Answer the server's questions about this site (rank, HE budget, scores)."""
-    cfg = ClientConfig.from_run_config(context.run_config)
-    site = SiteConfig.from_node_config(context.node_config)
-    kind = str(msg.content.config_records[proto.CONFIG].get(proto.QUERY, ""))
-    budget = she.budget_of(site, context.run_config)
-    if kind == proto.QUERY_SITE:
-        info = MetricRecord(
-            {
-                proto.RANK: site_rank(cfg, site),
-                proto.HE_BUDGET: budget,
-                proto.PARTITION_ID: site.partition_id,
-            }
-        )
-        return Message(RecordDict({proto.SITE: info}), reply_to=msg)
-    if kind == proto.QUERY_SHE_SENSITIVITY:
-        scores = ConfigRecord()
-        for name, (pos, sc) in column_scores_for_site(cfg, site, budget).items():
-            scores[f"{proto.SCORE_POSITIONS}{name}"] = pos
-            scores[f"{proto.SCORE_VALUES}{name}"] = sc
-        return Message(RecordDict({proto.SHE_SCORES: scores}), reply_to=msg)
-    raise ValueError(
-        f"unknown query {kind!r}; this client answers "
-        f"{proto.QUERY_SITE}, {proto.QUERY_SHE_SENSITIVITY}"
-    )
+    return _dispatch("query", msg, context)

@@ -9,6 +9,7 @@ client's own data.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -248,7 +249,11 @@ def column_scores_for_site(
     return sensitivity(state, norms, budget)
 
 
-_FINGERPRINTS: dict[int, str] = {}
+# Per model object (weak: a dropped model's entry goes with it, so a new model
+# that happens to reuse a freed object's id never inherits its fingerprint).
+_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, str] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def check_base_model(cfg: ClientConfig, site: SiteConfig, expected: str) -> None:
@@ -258,9 +263,9 @@ def check_base_model(cfg: ClientConfig, site: SiteConfig, expected: str) -> None
     from fedlora.fingerprint import base_fingerprint
 
     model = model_bundle(for_site(cfg, site)).model
-    local = _FINGERPRINTS.get(id(model))
+    local = _FINGERPRINTS.get(model)
     if local is None:
-        local = _FINGERPRINTS[id(model)] = base_fingerprint(model)
+        local = _FINGERPRINTS[model] = base_fingerprint(model)
     if local != expected:
         raise ValueError(
             f"this site's base model (fingerprint {local}) is not the server's "

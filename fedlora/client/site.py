@@ -38,6 +38,10 @@ class SiteConfig:
     model_path : str (default: "")
         Local directory of the base model at this site (replaces ``model.name``,
         so no site downloads weights); "" = the run's ``model.name``.
+    worker : bool (default: False)
+        Hand every message to the site's long-lived worker (``site-worker=true``;
+        ``fedlora.client.worker``), which keeps the model, data and ledger between
+        rounds; needs ``state_dir`` (its socket and log live there).
     """
 
     partition_id: int = 0
@@ -49,6 +53,7 @@ class SiteConfig:
     he_budget: int = -1
     he_secret_context: str = ""
     model_path: str = ""
+    worker: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.partition_id < self.num_partitions:
@@ -61,6 +66,11 @@ class SiteConfig:
         if self.device not in ("", "cpu", "cuda", "auto"):
             raise ConfigError(
                 f"node-config device={self.device!r}; allowed: cpu, cuda, auto"
+            )
+        if self.worker and not self.state_dir:
+            raise ConfigError(
+                "node-config site-worker=true needs state-dir=<directory>: the "
+                "worker's socket and log live there"
             )
 
     @classmethod
@@ -77,8 +87,21 @@ class SiteConfig:
                 he_budget=int(node_config.get("he-budget", -1)),
                 he_secret_context=str(node_config.get("he-secret-context", "")),
                 model_path=str(node_config.get("model-path", "")),
+                worker=_flag("site-worker", node_config.get("site-worker", False)),
             )
         except (TypeError, ValueError) as err:
             raise ConfigError(
                 f"Invalid node-config {dict(node_config)}: {err}"
             ) from err
+
+
+def _flag(key: str, value: Any) -> bool:
+    """Read a node-config boolean: ``true``/``false`` (TOML) or their strings."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"{key}={value!r} is not a boolean (true or false)")

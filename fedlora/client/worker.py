@@ -1,0 +1,261 @@
+"""The site worker: one long-lived process per site that keeps the model warm.
+
+A deployed SuperNode starts a fresh ClientApp process per message; that process
+would re-import torch, reload and re-quantise the base model and re-read the data
+every round. With ``site-worker=true`` in the node-config the ClientApp forwards
+each message here instead (``fedlora.client.worker_link``), and this process runs
+the same handlers (``fedlora.client.handlers``) with everything cached between
+rounds: base model, tokenizer, tokenized data, the DP ledger.
+
+Rules that keep it safe:
+
+- **One run's state at a time.** Messages are handled one after another (a lock);
+  a message of another run first drops every cache of the process, so a model,
+  dataset or fingerprint of one run is never used for another, and a changed base
+  model on disk is read afresh by the next run. The model is loaded once per run.
+- **Only the site's account.** The socket is created mode 0600 in the state
+  directory, and every connection's peer uid (``SO_PEERCRED``) must equal ours.
+- **Failures stay in their message.** A handler that raises returns the error to
+  the ClientApp (Flower replies with an error, the server drops the site for that
+  round); a worker that dies mid-message closes the socket, the ClientApp fails
+  that message, and the next message starts a new worker.
+
+Operators start and stop it with::
+
+    python -m fedlora.client.worker serve --state-dir /var/lib/fedlora
+    python -m fedlora.client.worker status --state-dir /var/lib/fedlora
+    python -m fedlora.client.worker stop --state-dir /var/lib/fedlora
+
+(the ClientApp also starts it on demand, with the same command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from fedlora.client import worker_link as link
+
+log = logging.getLogger("fedlora.worker")
+
+
+def reset_process_state() -> None:
+    """Drop every per-process cache: models, tokenizers, data, fingerprints, keys.
+
+    Called when a message of a new run arrives; afterwards nothing of the previous
+    run can be reused (a test checks every ``lru_cache`` of the package is empty).
+    """
+    from fedlora import cache, models
+    from fedlora.client import private_round, she
+    from fedlora.data import split
+
+    for module in (cache, models, private_round, she, split):
+        for value in vars(module).values():
+            if callable(getattr(value, "cache_clear", None)):
+                value.cache_clear()
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+class Worker:
+    """Serves ping/stop/handle requests on the site's socket."""
+
+    def __init__(self, state_dir: Path, idle_exit: float) -> None:
+        self.state_dir = state_dir
+        self.idle_exit = idle_exit
+        self.run_id: int | None = None
+        self.messages = 0
+        self.model_loads = 0  # base models built, all runs
+        self.run_model_loads = 0  # base models built in the current run
+        self.last_active = time.monotonic()
+        self.busy = threading.Lock()
+        self.stopping = threading.Event()
+
+    def status(self) -> dict[str, Any]:
+        """Pid, current run, messages handled and base models built."""
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "run_id": self.run_id,
+            "busy": self.busy.locked(),
+            "messages": self.messages,
+            "model_loads": self.model_loads,
+            "run_model_loads": self.run_model_loads,
+        }
+
+    def handle(self, kind: str, message: bytes, context: bytes) -> list[bytes]:
+        """Run handler ``kind`` (train/evaluate/query) on the serialised inputs."""
+        from flwr.common import serde
+        from flwr.proto.message_pb2 import Context as ProtoContext
+        from flwr.proto.message_pb2 import Message as ProtoMessage
+        from flwr.supercore.task_identity import TaskIdentity
+
+        from fedlora import cache
+        from fedlora.client import handlers
+
+        msg = serde.message_from_proto(ProtoMessage.FromString(message))
+        ctx = serde.context_from_proto(ProtoContext.FromString(context))
+        # what Flower sets in the ClientApp process that received the message
+        TaskIdentity.run_id, TaskIdentity.node_id = ctx.run_id, ctx.node_id
+        TaskIdentity.task_id = msg.metadata.dst_task_id
+        if ctx.run_id != self.run_id:
+            if self.run_id is not None:
+                log.info("run %s -> %s: dropping run state", self.run_id, ctx.run_id)
+            reset_process_state()
+            self.run_id, self.run_model_loads = ctx.run_id, 0
+        fn = {"train": handlers.train, "evaluate": handlers.evaluate}.get(
+            kind, handlers.query
+        )
+        before = cache.model_builds()
+        start = time.perf_counter()
+        reply = fn(msg, ctx)
+        seconds = time.perf_counter() - start
+        built = cache.model_builds() - before
+        self.model_loads += built
+        self.run_model_loads += built
+        self.messages += 1
+        head = {**self.status(), "seconds": seconds, "built": built}
+        return [
+            json.dumps(head).encode(),
+            serde.recorddict_to_proto(reply.content).SerializeToString(),
+            serde.recorddict_to_proto(ctx.state).SerializeToString(),
+        ]
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        """Answer one request (ping, stop, or a message under the busy lock)."""
+        with conn:
+            if not _same_user(conn):
+                log.warning("refused a connection from another user")
+                return
+            head_raw, message, context = link.recv_frames(conn, 3)
+            head = json.loads(head_raw)
+            op = head.get("op")
+            if op == "ping":
+                link.send_frames(conn, json.dumps(self.status()).encode(), b"", b"")
+                return
+            if op == "stop":
+                self.stopping.set()
+                link.send_frames(conn, json.dumps(self.status()).encode(), b"", b"")
+                return
+            with self.busy:
+                kind = str(head.get("kind"))
+                try:
+                    frames = self.handle(kind, message, context)
+                except Exception as err:  # noqa: BLE001 - relayed to the ClientApp
+                    log.error("%s message failed:\n%s", kind, traceback.format_exc())
+                    error = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+                    frames = [json.dumps(error).encode(), b"", b""]
+                self.last_active = time.monotonic()
+            link.send_frames(conn, *frames)
+
+    def serve(self, listener: socket.socket) -> None:
+        """Accept connections until stopped or idle for ``idle_exit`` seconds."""
+        listener.settimeout(1.0)
+        while not self.stopping.is_set():
+            idle = time.monotonic() - self.last_active
+            if self.idle_exit and idle > self.idle_exit and not self.busy.locked():
+                log.info("idle for %.0f s: exiting", idle)
+                break
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(None)
+            threading.Thread(target=self._guarded, args=(conn,), daemon=True).start()
+        with self.busy:  # let a running message finish and reply
+            pass
+
+    def _guarded(self, conn: socket.socket) -> None:
+        try:
+            self.serve_connection(conn)
+        except (OSError, ValueError) as err:
+            log.warning("connection dropped: %s", err, exc_info=True)
+
+
+def _same_user(conn: socket.socket) -> bool:
+    """Whether the peer process runs as our uid (Linux ``SO_PEERCRED``)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return True  # other platforms: the 0600 socket file alone guards it
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return bool(uid == os.getuid())
+
+
+def bind(state_dir: Path) -> socket.socket:
+    """Listen on ``state_dir``'s socket (mode 0600); refuse if a worker answers."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = link.socket_path(state_dir)
+    if link.ping(str(state_dir)) is not None:
+        raise SystemExit(f"a site worker already serves {path}")
+    path.unlink(missing_ok=True)  # a stale socket of a worker that died
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        with link.short_address(path) as address:
+            listener.bind(address)
+    finally:
+        os.umask(old)
+    listener.listen(16)
+    return listener
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``serve``, ``status`` or ``stop`` the worker of a state-dir."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fedlora.client.worker", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("command", choices=["serve", "status", "stop"])
+    parser.add_argument("--state-dir", required=True, help="the site's state-dir")
+    parser.add_argument(
+        "--idle-exit",
+        type=float,
+        default=0.0,
+        help="serve: exit after this many idle seconds (0 = never)",
+    )
+    args = parser.parse_args(argv)
+    state_dir = Path(args.state_dir).resolve()
+    if args.command == "status":
+        status = link.ping(str(state_dir))
+        print(json.dumps(status) if status else f"no site worker at {state_dir}")
+        return 0 if status else 1
+    if args.command == "stop":
+        stopped = link.stop(str(state_dir))
+        print("stopped" if stopped else f"no site worker at {state_dir}")
+        return 0 if stopped else 1
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    # torch & co first: the socket appears only when the worker can answer, so a
+    # ClientApp waiting for it never mistakes a slow start for a dead worker.
+    import fedlora.client.handlers  # noqa: F401
+
+    listener = bind(state_dir)
+    log.info("pid %d serving %s", os.getpid(), link.socket_path(state_dir))
+    try:
+        Worker(state_dir, args.idle_exit).serve(listener)
+    finally:
+        listener.close()
+        link.socket_path(state_dir).unlink(missing_ok=True)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
