@@ -114,7 +114,7 @@ class Worker:
         ctx = serde.context_from_proto(ProtoContext.FromString(context))
         # what Flower sets in the ClientApp process that received the message
         TaskIdentity.run_id, TaskIdentity.node_id = ctx.run_id, ctx.node_id
-        TaskIdentity.task_id = msg.metadata.dst_task_id
+        TaskIdentity.task_id = msg.metadata.dst_task_id or 0
         if ctx.run_id != self.run_id:
             if self.run_id is not None:
                 log.info("run %s -> %s: dropping run state", self.run_id, ctx.run_id)
