@@ -23,7 +23,6 @@ from fedlora import protocol as proto
 from fedlora.client import private_round as private
 from fedlora.client import she
 from fedlora.client.round import (
-    check_base_model,
     column_scores_for_site,
     evaluate_round,
     for_site,
@@ -31,6 +30,7 @@ from fedlora.client.round import (
     train_round,
 )
 from fedlora.client.site import SiteConfig
+from fedlora.client.site_checks import check_site
 from fedlora.config import ClientConfig
 from fedlora.lora.state import factor_pairs, from_record, to_record
 
@@ -49,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records[proto.CONFIG]
     server_round = int(str(config[proto.SERVER_ROUND]))
     frozen = str(config.get(proto.FROZEN_FINGERPRINT, ""))
-    check_base_model(cfg, site, str(config.get(proto.BASE_FINGERPRINT, "")))
+    check_site(cfg, site, context, str(config.get(proto.BASE_FINGERPRINT, "")))
     global_state, sealed = she.open_message(
         msg, for_site(cfg, site), site, context.run_config
     )
@@ -86,7 +86,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = ClientConfig.from_run_config(context.run_config)
     site = SiteConfig.from_node_config(context.node_config)
     config = msg.content.config_records[proto.CONFIG]
-    check_base_model(cfg, site, str(config.get(proto.BASE_FINGERPRINT, "")))
+    check_site(cfg, site, context, str(config.get(proto.BASE_FINGERPRINT, "")))
     state, _ = she.open_message(msg, for_site(cfg, site), site, context.run_config)
     result = evaluate_round(cfg, site, state, _residual(msg))
     values = proto.evaluate_metrics(

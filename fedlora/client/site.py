@@ -38,6 +38,9 @@ class SiteConfig:
     model_path : str (default: "")
         Local directory of the base model at this site (replaces ``model.name``,
         so no site downloads weights); "" = the run's ``model.name``.
+    name : str (default: "")
+        How the server's logs and ``metrics.jsonl`` name this site when it fails
+        (``site-name``); "" = Flower's node id.
     worker : bool (default: False)
         Hand every message to the site's long-lived worker (``site-worker=true``;
         ``fedlora.client.worker``), which keeps the model, data and ledger between
@@ -53,6 +56,7 @@ class SiteConfig:
     he_budget: int = -1
     he_secret_context: str = ""
     model_path: str = ""
+    name: str = ""
     worker: bool = False
 
     def __post_init__(self) -> None:
@@ -87,6 +91,7 @@ class SiteConfig:
                 he_budget=int(node_config.get("he-budget", -1)),
                 he_secret_context=str(node_config.get("he-secret-context", "")),
                 model_path=str(node_config.get("model-path", "")),
+                name=str(node_config.get("site-name", "")),
                 worker=_flag("site-worker", node_config.get("site-worker", False)),
             )
         except (TypeError, ValueError) as err:

@@ -154,6 +154,12 @@ class Worker:
                 self.stopping.set()
                 link.send_frames(conn, json.dumps(self.status()).encode(), b"", b"")
                 return
+            if head.get("code") != link.code_hash():
+                log.info("a ClientApp runs other code: exiting to be replaced")
+                self.stopping.set()
+                reply = {"ok": False, "restart": True, "error": "other code"}
+                link.send_frames(conn, json.dumps(reply).encode(), b"", b"")
+                return
             with self.busy:
                 kind = str(head.get("kind"))
                 try:

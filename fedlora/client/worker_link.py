@@ -165,6 +165,7 @@ def ensure_running(state_dir: str, idle_exit: float = 3600.0) -> dict[str, Any]:
         with (directory / LOG_NAME).open("ab") as log:
             proc = subprocess.Popen(
                 worker_cmd(str(directory.resolve()), idle_exit),
+                env=_same_code_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -184,6 +185,61 @@ def ensure_running(state_dir: str, idle_exit: float = 3600.0) -> dict[str, Any]:
     )
 
 
+def _wait_gone(state_dir: str, pid: int, timeout: float = 60.0) -> None:
+    """Wait until the worker ``pid`` has exited (its socket is then free)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:  # our own child (this process started it): reap it
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return
+        time.sleep(0.1)
+    raise WorkerUnavailable(f"the site worker (pid {pid}) in {state_dir} won't stop")
+
+
+_CODE_HASH: list[str] = []  # computed once: a process's code does not change
+
+
+def code_hash() -> str:
+    """SHA-256 over this ``fedlora`` package's sources (paths and bytes).
+
+    The ClientApp sends it with every message; a worker running other code (a run
+    shipped a new app version) exits and is replaced, and an operator-started
+    worker of the same version is kept, wherever its copy of the code lives.
+    """
+    if not _CODE_HASH:
+        import hashlib
+
+        package = Path(code_root()) / "fedlora"
+        digest = hashlib.sha256()
+        for path in sorted(package.rglob("*.py")):
+            digest.update(str(path.relative_to(package)).encode() + b"\0")
+            digest.update(path.read_bytes())
+        _CODE_HASH.append(digest.hexdigest())
+    return _CODE_HASH[0]
+
+
+def code_root() -> str:
+    """Directory this ``fedlora`` package was imported from (the FAB's, deployed)."""
+    return str(Path(__file__).resolve().parents[2])  # <root>/fedlora/client/this
+
+
+def _same_code_env() -> dict[str, str]:
+    """Environment in which ``python -m fedlora...`` imports this very package.
+
+    A deployed ClientApp runs the code of the run's FAB (unpacked under the
+    SuperNode's Flower home), which may differ from the fedlora installed in the
+    environment; the worker must run the same code as the ClientApp it serves.
+    """
+    paths = [code_root(), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
 def handle(
     kind: str, message: bytes, context: bytes, state_dir: str
 ) -> tuple[dict[str, Any], bytes, bytes]:
@@ -193,11 +249,15 @@ def handle(
     state, both as ``RecordDict`` protobuf bytes. Raises ``WorkerFailed`` when the
     handler raised in the worker or the worker died before replying.
     """
+    header = {"op": "handle", "kind": kind, "code": code_hash()}
     status = ensure_running(state_dir)
     try:
-        head, (content, state) = request(
-            state_dir, {"op": "handle", "kind": kind}, message, context
-        )
+        head, (content, state) = request(state_dir, header, message, context)
+        if head.get("restart"):  # it runs another app version's code: replace it
+            stop(state_dir)
+            _wait_gone(state_dir, int(status.get("pid", 0)))
+            status = ensure_running(state_dir)
+            head, (content, state) = request(state_dir, header, message, context)
     except (OSError, ValueError) as err:
         raise WorkerFailed(
             f"the site worker (pid {status.get('pid')}) stopped while handling a "

@@ -130,5 +130,11 @@ def test_worker_serves_rounds_like_the_clientapp_itself(
         status3 = worker_link.ping(str(state_dir))
         assert status3 is not None and status3["run_id"] == 2
         assert status3["run_model_loads"] == 1 and status3["model_loads"] == 2
+
+        # a ClientApp of other code (a new app version): the worker leaves
+        other = {"op": "handle", "kind": "train", "code": "another version"}
+        head, _ = worker_link.request(str(state_dir), other, b"", b"")
+        assert head["restart"] is True
+        worker_link._wait_gone(str(state_dir), int(status3["pid"]))
     finally:
         worker_link.stop(str(state_dir))

@@ -1,6 +1,7 @@
 """A real deployment on 127.0.0.1: TLS SuperLink with SuperNode authentication,
-two registered sites, one unregistered site that is refused, two rounds of the tiny
-model through ``flwr run``. The commands are the README guide's (checked below)."""
+two registered sites (one with its site worker, one with a process per message),
+one unregistered site that is refused, three rounds of the tiny model through
+``flwr run``. The commands are the README guide's (checked below)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_the_readme_guide_shows_exactly_these_commands() -> None:
 
 
 @pytest.mark.slow
-def test_tls_deployment_with_supernode_auth_runs_two_rounds(tmp_path: Path) -> None:
+def test_tls_deployment_with_supernode_auth_runs_three_rounds(tmp_path: Path) -> None:
     from fedlora.data import instruct
 
     run_dir = tmp_path / "run"
@@ -63,7 +64,7 @@ def test_tls_deployment_with_supernode_auth_runs_two_rounds(tmp_path: Path) -> N
             "data.task": "causal_lm",
             "data.partitioner": "iid",
             "federation.clients": 2,
-            "federation.rounds": 2,
+            "federation.rounds": 3,
             "federation.local_steps": 3,
             "train.batch_size": 4,
             "output_dir": str(run_dir),
@@ -72,11 +73,13 @@ def test_tls_deployment_with_supernode_auth_runs_two_rounds(tmp_path: Path) -> N
     run_config = tmp_path / "run.toml"
     write_run_config(cfg, run_config)
     with LocalDeployment(tmp_path / "deploy", sites=3) as dep:
-        for site in (0, 1):
+        for site in (0, 1):  # site 0 with its worker, site 1 a process per message
             dep.register(site)
+            worker = " site-worker=true" if site == 0 else ""
             dep.start_site(
                 site,
-                f"data-path='{files[f'site-{site}']}' state-dir='{tmp_path}/s{site}'",
+                f"data-path='{files[f'site-{site}']}' state-dir='{tmp_path}/s{site}'"
+                + worker,
             )
         intruder = dep.start_site(2, f"data-path='{files['site-0']}'")
         assert intruder.wait(timeout=120) != 0
@@ -86,7 +89,9 @@ def test_tls_deployment_with_supernode_auth_runs_two_rounds(tmp_path: Path) -> N
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert not dep.leftovers()
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    # the worker site loads its base model once for the run; site 1 has no worker
+    assert [r["client_model_loads"] for r in rows[1:]] == [1, 0, 0]
     assert all(r["clients"] == 2 and r["clients_dropped"] == 0 for r in rows[1:])
     assert all(r["round_applied"] for r in rows[1:])
     assert rows[-1]["eval_perplexity"] < rows[0]["eval_perplexity"]
