@@ -22,7 +22,7 @@ from types import TracebackType
 
 from fedlora.certs import create_certificates, create_site_keys
 from simulations.flwr_cli import find_free_port
-from simulations.processes import marked_processes, terminate
+from simulations.processes import kill_tree, marked_processes, terminate
 
 CONNECTION = "fedsites"
 MARKER_ENV = "FEDLORA_DEPLOYMENT_ID"
@@ -87,6 +87,7 @@ class LocalDeployment:
         self.port = 0
         self.marker = uuid.uuid4().hex
         self.site_procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.superlink: subprocess.Popen[bytes] | None = None
         bin_dir = str(Path(sys.executable).parent)
         self.env = dict(
             os.environ,
@@ -109,12 +110,28 @@ class LocalDeployment:
         (self.flwr_home / "config.toml").write_text(
             connection_toml(self.address, str(self.certs / "ca.crt"))
         )
+        self.start_superlink()
+        return self
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink (again, after :meth:`kill_server`: same database)."""
         cmd = superlink_cmd(
             str(self.certs), self.port, str(self.work_dir / "state.db"), "127.0.0.1"
         )
-        self._spawn(cmd, self.work_dir / "superlink.log")
+        self.superlink = self._spawn(cmd, self.work_dir / "superlink.log")
         self._wait_healthy()
-        return self
+
+    def kill_server(self) -> None:
+        """SIGKILL the SuperLink and its ServerApp process: a server crash."""
+        if self.superlink is not None:
+            kill_tree(self.superlink.pid)
+            self.superlink.wait(timeout=30)
+
+    def kill_site(self, site: int) -> None:
+        """SIGKILL ``site``'s SuperNode and its ClientApp processes (not its worker)."""
+        proc = self.site_procs.pop(site)
+        kill_tree(proc.pid)
+        proc.wait(timeout=30)
 
     def __exit__(
         self,
@@ -186,6 +203,18 @@ class LocalDeployment:
             capture_output=True,
             text=True,
             timeout=timeout,
+        )
+
+    def submit(self, app_dir: Path, run_config: Path) -> subprocess.Popen[str]:
+        """``flwr run`` in the background (a test may kill it with the server)."""
+        return subprocess.Popen(
+            run_cmd(str(app_dir), str(run_config)),
+            env=self.env,
+            cwd=self.work_dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
         )
 
     def stop(self) -> None:

@@ -64,3 +64,13 @@ def marked_processes(
             if is_alive(proc):
                 found.append(proc)
     return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant (a crash: nothing gets to clean up)."""
+    try:
+        root = psutil.Process(pid)
+        victims = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    signal_all(victims, signal.SIGKILL, 5.0)

@@ -10,8 +10,8 @@ import shlex
 from pathlib import Path
 
 import pytest
+from tiny_configs import deployed_job
 
-from fedlora.config.flat import build_config
 from simulations.deployment import (
     LocalDeployment,
     connection_toml,
@@ -20,8 +20,6 @@ from simulations.deployment import (
     superlink_cmd,
     supernode_cmd,
 )
-from simulations.experiment import write_run_config
-from strategies.config import ExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -35,7 +33,7 @@ def test_the_readme_guide_shows_exactly_these_commands() -> None:
             "superlink.example.org:8000",
             "certs/ca.crt",
             "certs/site-0.key",
-            "data-path=/data/site-0.jsonl state-dir=/var/lib/fedlora",
+            "data-path=/data/site-0.jsonl state-dir=/var/lib/fedlora site-worker=true",
             9094,
         ),
         run_cmd(".", "run.toml"),
@@ -47,32 +45,11 @@ def test_the_readme_guide_shows_exactly_these_commands() -> None:
 
 @pytest.mark.slow
 def test_tls_deployment_with_supernode_auth_runs_three_rounds(tmp_path: Path) -> None:
-    from fedlora.data import instruct
-
+    files, run_config = deployed_job(tmp_path)
     run_dir = tmp_path / "run"
-    files = {}  # each site its own data file; the server its held-out file
-    for name, seed, n in (("server", 9, 60), ("site-0", 0, 120), ("site-1", 1, 120)):
-        files[name] = tmp_path / f"{name}.jsonl"
-        instruct.generate(n, seed).to_json(str(files[name]))
-    cfg = build_config(
-        ExperimentConfig,
-        {
-            "model.name": "tiny_llama",
-            "model.tiny_hidden_size": 64,
-            "data.source": "local",
-            "data.path": str(files["server"]),
-            "data.task": "causal_lm",
-            "data.partitioner": "iid",
-            "federation.clients": 2,
-            "federation.rounds": 3,
-            "federation.local_steps": 3,
-            "train.batch_size": 4,
-            "output_dir": str(run_dir),
-        },
-    )
-    run_config = tmp_path / "run.toml"
-    write_run_config(cfg, run_config)
-    with LocalDeployment(tmp_path / "deploy", sites=3) as dep:
+    bad = tmp_path / "bad.jsonl"  # columns the causal_lm task does not read
+    bad.write_text('{"question": "2+2?", "reply": "4"}\n' * 20)
+    with LocalDeployment(tmp_path / "deploy", sites=4) as dep:
         for site in (0, 1):  # site 0 with its worker, site 1 a process per message
             dep.register(site)
             worker = " site-worker=true" if site == 0 else ""
@@ -81,6 +58,8 @@ def test_tls_deployment_with_supernode_auth_runs_three_rounds(tmp_path: Path) ->
                 f"data-path='{files[f'site-{site}']}' state-dir='{tmp_path}/s{site}'"
                 + worker,
             )
+        dep.register(3)  # registered, but its data file cannot be used
+        dep.start_site(3, f"data-path='{bad}' site-name='clinic-b'")
         intruder = dep.start_site(2, f"data-path='{files['site-0']}'")
         assert intruder.wait(timeout=120) != 0
         log = (dep.work_dir / "site-2.log").read_text()
@@ -92,7 +71,13 @@ def test_tls_deployment_with_supernode_auth_runs_three_rounds(tmp_path: Path) ->
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     # the worker site loads its base model once for the run; site 1 has no worker
     assert [r["client_model_loads"] for r in rows[1:]] == [1, 0, 0]
-    assert all(r["clients"] == 2 and r["clients_dropped"] == 0 for r in rows[1:])
+    assert all(r["clients"] == 2 for r in rows[1:])
+    # the bad site is named, with the reason, and the rounds go on without it
+    named = "site clinic-b: node-config data-path="
+    reasons = [d["reason"] for r in rows[1:] for d in r["dropped"]]
+    assert reasons and all(named in x for x in reasons)
+    assert all("prompt" in x and "question" in x for x in reasons)
+    assert named in done.stdout + done.stderr
     assert all(r["round_applied"] for r in rows[1:])
     assert rows[-1]["eval_perplexity"] < rows[0]["eval_perplexity"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
