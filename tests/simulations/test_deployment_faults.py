@@ -53,7 +53,9 @@ def test_server_killed_after_round_1_resumes_to_the_same_adapter(
     _, crash_cfg = deployed_job(tmp_path / "crash")
     crash_dir = tmp_path / "crash" / "run"
     resume_cfg = tmp_path / "resume.toml"
-    resume_cfg.write_text(crash_cfg.read_text() + "resume = true\n")
+    text = crash_cfg.read_text()
+    assert "resume = false\n" in text
+    resume_cfg.write_text(text.replace("resume = false\n", "resume = true\n"))
     with LocalDeployment(tmp_path / "deploy", sites=2) as dep:
         start_sites(dep, files, tmp_path)
         done = dep.run(ROOT, whole_cfg, timeout=480)
