@@ -192,6 +192,29 @@ class LocalDeployment:
         self.site_procs[site] = proc
         return proc
 
+    def restart_site(
+        self, site: int, node_config: str, timeout: float = 240.0
+    ) -> subprocess.Popen[bytes]:
+        """Start ``site`` again until the SuperLink accepts it, as a service would.
+
+        After a crash the SuperLink refuses the same key ("Failed to activate
+        SuperNode", exit 305) until it has missed the old session's heartbeats
+        (up to 2 x 30 s); a service manager restarts it, and so does this.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = self.start_site(site, node_config)
+            try:
+                code = proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                return proc  # still up after 15 s: connected
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"site {site} was refused until the timeout (exit {code}); "
+                    f"see site-{site}.log"
+                )
+            time.sleep(3)
+
     def run(
         self, app_dir: Path, run_config: Path, timeout: float
     ) -> subprocess.CompletedProcess[str]:

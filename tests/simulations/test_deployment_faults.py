@@ -88,8 +88,7 @@ def test_a_dp_site_killed_and_restarted_continues_its_accountant(
     dp = {
         "privacy.mode": "dp",
         "privacy.noise_multiplier": 1.0,
-        "federation.min_clients": 1,
-        "federation.rounds": 4,
+        "federation.rounds": 4,  # min_clients 2: a round waits for both sites
     }
     files, run_config = deployed_job(tmp_path, dp)
     run_dir = tmp_path / "run"
@@ -101,8 +100,8 @@ def test_a_dp_site_killed_and_restarted_continues_its_accountant(
         assert status is not None
         dep.kill_site(0)  # the SuperNode and its ClientApp ...
         os.kill(int(status["pid"]), signal.SIGKILL)  # ... and its worker
-        dep.start_site(0, site_config(files, tmp_path, 0))
-        assert flwr_run.wait(timeout=480) == 0
+        dep.restart_site(0, site_config(files, tmp_path, 0))
+        assert flwr_run.wait(timeout=600) == 0
         for site in (0, 1):
             worker_link.stop(str(tmp_path / f"s{site}"))
     assert not dep.leftovers()
