@@ -95,6 +95,16 @@ class LocalDeployment:
             PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
             **{MARKER_ENV: self.marker},
         )
+        # The sites share this machine's cores (on real sites each has its own):
+        # give each its share of OpenMP threads, sleeping rather than spinning
+        # when idle, as the simulation launcher does for its client actors.
+        self.env.setdefault(
+            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // sites))
+        )
+        self.env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Flower's SuperExec looks for a message to run every 1 s by default; a
+        # site polls its own SuperNode, so 0.1 s costs nothing (README guide).
+        self.env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
 
     @property
     def address(self) -> str:

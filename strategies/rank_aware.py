@@ -33,6 +33,7 @@ from fedlora.lora.state import (
 from strategies.aggregation import weighted_mean
 from strategies.config import ExperimentConfig
 from strategies.fedavg_lora import FedAvgLora, metric
+from strategies.server.exchange import send_and_receive
 from strategies.validation import reply_problem
 
 
@@ -139,7 +140,7 @@ class HeteroRankLora(FedAvgLora):
             for node in node_ids
         ]
         replies = {}
-        for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
+        for reply in send_and_receive(grid, messages, self.query_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(

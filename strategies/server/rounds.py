@@ -27,6 +27,7 @@ from fedlora.train import EvalResult, evaluate
 from strategies.config import ExperimentConfig
 from strategies.fedavg_lora import FedAvgLora
 from strategies.server.checkpoint import resume_point, save_checkpoint
+from strategies.server.exchange import send_and_receive
 from strategies.server.rundir import RunDir
 
 
@@ -165,7 +166,7 @@ def run_federation(
     for rnd in range(done + 1, cfg.federation.rounds + 1):
         start = time.perf_counter()
         messages = strategy.configure_train(rnd, arrays, evaluator.config(), grid)
-        replies = grid.send_and_receive(messages, timeout=timeout)
+        replies = send_and_receive(grid, messages, timeout)
         train_end = time.perf_counter()
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
@@ -224,7 +225,7 @@ def _federated_evaluation(
     messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
     if not messages:
         return {}
-    replies = grid.send_and_receive(messages, timeout=timeout)
+    replies = send_and_receive(grid, messages, timeout)
     metrics = strategy.aggregate_evaluate(rnd, replies)
     if metrics is None:
         return {}

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from fake_grid import ReplyingGrid
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -198,26 +199,21 @@ def test_she_lora_server_refuses_a_secret_context(keys: tuple[Path, Path]) -> No
         SheLora(public_context=str(keys[0]), **_kwargs())
 
 
-class _Grid:
+class _Grid(ReplyingGrid):
     """Answers the rank query like ClientApps with the given ranks would."""
 
     def __init__(self, ranks: dict[int, int]) -> None:
+        super().__init__()
         self.ranks = ranks
 
     def get_node_ids(self) -> list[int]:
         return list(self.ranks)
 
-    def send_and_receive(
-        self, messages: list[Message], timeout: float
-    ) -> list[Message]:
-        del timeout
-        out = []
-        for msg in messages:
-            info = MetricRecord(
-                {"rank": self.ranks[msg.metadata.dst_node_id], "he-budget": 2}
-            )
-            out.append(Message(RecordDict({"site": info}), reply_to=msg))
-        return out
+    def reply(self, msg: Message) -> Message:
+        info = MetricRecord(
+            {"rank": self.ranks[msg.metadata.dst_node_id], "he-budget": 2}
+        )
+        return Message(RecordDict({"site": info}), reply_to=msg)
 
 
 def test_nodes_report_their_rank_and_one_above_the_maximum_is_left_out(

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from fake_grid import ReplyingGrid
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from hetero_messages import lora_state, train_metrics, train_reply
@@ -157,7 +158,7 @@ def _wire(content: RecordDict) -> RecordDict:
     return recorddict_from_proto(recorddict_to_proto(content))
 
 
-class InProcessGrid:
+class InProcessGrid(ReplyingGrid):
     """Delivers messages to the real ClientApp, serialised both ways like Flower.
 
     Keeps, per partition, the adapter each client received and the one it sent
@@ -165,6 +166,7 @@ class InProcessGrid:
     """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__()
         self.run_config = flatten_config(cfg)
         self.received: dict[int, State] = {}
         self.sent: dict[int, State] = {}
@@ -173,13 +175,7 @@ class InProcessGrid:
     def get_node_ids(self) -> list[int]:
         return list(NODES)
 
-    def send_and_receive(
-        self, messages: list[Message], timeout: float
-    ) -> list[Message]:
-        del timeout
-        return [self._deliver(msg) for msg in messages]
-
-    def _deliver(self, msg: Message) -> Message:
+    def reply(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
         part = NODES[node]
         arrived = Message(
