@@ -95,16 +95,16 @@ class LocalDeployment:
             PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
             **{MARKER_ENV: self.marker},
         )
-        # The sites share this machine's cores (on real sites each has its own):
-        # give each its share of OpenMP threads, sleeping rather than spinning
-        # when idle, as the simulation launcher does for its client actors.
-        self.env.setdefault(
-            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // sites))
-        )
+        # OpenMP threads sleep rather than spin when idle (as in the launcher).
         self.env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # Flower's SuperExec looks for a message to run every 1 s by default; a
         # site polls its own SuperNode, so 0.1 s costs nothing (README guide).
         self.env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+        # The sites share this machine's cores (real sites have their own): each
+        # gets its share of OpenMP threads, like the launcher's client actors; the
+        # server keeps all of them for its evaluation.
+        threads = str(max(1, (os.cpu_count() or 1) // sites))
+        self.site_env = {"OMP_NUM_THREADS": threads, **self.env}
 
     @property
     def address(self) -> str:
@@ -151,11 +151,13 @@ class LocalDeployment:
     ) -> None:
         self.stop()
 
-    def _spawn(self, cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, cmd: list[str], log: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         with log.open("ab") as out:
             return subprocess.Popen(
                 cmd,
-                env=self.env,
+                env=env or self.env,
                 cwd=self.work_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -198,7 +200,7 @@ class LocalDeployment:
             node_config,
             find_free_port(),
         )
-        proc = self._spawn(cmd, self.work_dir / f"site-{site}.log")
+        proc = self._spawn(cmd, self.work_dir / f"site-{site}.log", self.site_env)
         self.site_procs[site] = proc
         return proc
 
