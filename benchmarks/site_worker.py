@@ -16,7 +16,9 @@ Per round (``metrics.jsonl``, the clients' timing metrics from
     training   = client_train_seconds_max       # the local optimizer steps
     loading    = client_startup_seconds_max     # process start, imports
                + client_handler_seconds_max - training   # model, data, adapter
-    other      = seconds - training - loading    # transport, polling, server work
+    evaluation = eval_seconds                   # the server's central evaluation
+    other      = seconds - training - loading - evaluation
+                 # messaging: Flower's polling, transport; aggregation, checkpoint
 
 and the steady state is the mean over rounds >= 2. The headline is
 ``ratio_to_simulation``: steady-state round seconds of each mode over the
@@ -111,13 +113,15 @@ def split_rounds(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
             - training
         )
         seconds = float(row["seconds"])
+        evaluation = float(row.get("eval_seconds", 0.0))
         out.append(
             {
                 "round": row["round"],
                 "seconds": seconds,
                 "training": training,
                 "loading": loading,
-                "other": seconds - training - loading,
+                "evaluation": evaluation,
+                "other": seconds - training - loading - evaluation,
                 "model_loads": float(row.get("client_model_loads", 0.0)),
             }
         )
@@ -127,7 +131,7 @@ def split_rounds(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
 def steady(rounds: list[dict[str, float]]) -> dict[str, float]:
     """Mean of every field over rounds >= 2."""
     later = [r for r in rounds if r["round"] >= 2]
-    keys = ("seconds", "training", "loading", "other", "model_loads")
+    keys = ("seconds", "training", "loading", "evaluation", "other", "model_loads")
     return {k: statistics.fmean(r[k] for r in later) for k in keys}
 
 
