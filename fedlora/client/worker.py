@@ -50,20 +50,30 @@ from fedlora.client import worker_link as link
 log = logging.getLogger("fedlora.worker")
 
 
+def package_caches() -> list[Any]:
+    """Every ``functools`` cache defined in a loaded ``fedlora`` module."""
+    found: dict[int, Any] = {}
+    for name, module in list(sys.modules.items()):
+        if name != "fedlora" and not name.startswith("fedlora."):
+            continue
+        for value in vars(module).values():
+            owner = getattr(value, "__module__", "") or ""
+            if callable(getattr(value, "cache_clear", None)) and owner.startswith(
+                "fedlora"
+            ):
+                found[id(value)] = value
+    return list(found.values())
+
+
 def reset_process_state() -> None:
     """Drop every per-process cache: models, tokenizers, data, fingerprints, keys.
 
     Called when a message of a new run arrives; afterwards nothing of the previous
-    run can be reused (a test checks every ``lru_cache`` of the package is empty).
+    run can be reused. Every ``functools`` cache of the package is cleared, so a
+    cache added later is covered too (a test checks them all).
     """
-    from fedlora import cache, models
-    from fedlora.client import private_round, she
-    from fedlora.data import split
-
-    for module in (cache, models, private_round, she, split):
-        for value in vars(module).values():
-            if callable(getattr(value, "cache_clear", None)):
-                value.cache_clear()
+    for cached in package_caches():
+        cached.cache_clear()
     gc.collect()
     try:
         import torch

@@ -23,7 +23,7 @@ from fedlora import protocol as proto
 from fedlora.cache import model_bundle
 from fedlora.client import worker_link
 from fedlora.client.app import app as client_app
-from fedlora.client.worker import reset_process_state
+from fedlora.client.worker import package_caches, reset_process_state
 from fedlora.config.flat import flatten_config
 from fedlora.lora.state import adapter_state, from_record, to_record
 
@@ -65,13 +65,12 @@ def test_frames_round_trip_over_a_socket() -> None:
 
 def test_reset_clears_every_cache_of_the_package() -> None:
     """A new lru_cache anywhere in fedlora must be dropped between runs too."""
-    model_bundle(CFG)  # fill the model, tokenizer and data caches
-    caches = []
     for info in pkgutil.walk_packages(fedlora.__path__, "fedlora."):
-        module = importlib.import_module(info.name)
-        for value in vars(module).values():
-            if callable(getattr(value, "cache_info", None)):
-                caches.append(value)
+        importlib.import_module(info.name)
+    model_bundle(CFG)  # fill the model, tokenizer and data caches
+    caches = package_caches()
+    names = {c.__module__ + "." + c.__name__ for c in caches}
+    assert {"fedlora.cache._bundle", "fedlora.models.load_tokenizer"} <= names
     assert any(c.cache_info().currsize for c in caches)
     reset_process_state()
     assert [c for c in caches if c.cache_info().currsize] == []
