@@ -41,9 +41,7 @@ def _startup_seconds() -> float:
 def _local(kind: str) -> Callable[[Message, Context], Message]:
     from fedlora.client import handlers
 
-    return {"train": handlers.train, "evaluate": handlers.evaluate}.get(
-        kind, handlers.query
-    )
+    return handlers.handler_for(kind)
 
 
 def _via_worker(kind: str, msg: Message, context: Context, state_dir: str) -> Message:

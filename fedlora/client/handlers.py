@@ -16,6 +16,8 @@ its feature is off.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import Tensor
 
@@ -125,3 +127,8 @@ def query(msg: Message, context: Context) -> Message:
         f"unknown query {kind!r}; this client answers "
         f"{proto.QUERY_SITE}, {proto.QUERY_SHE_SENSITIVITY}"
     )
+
+
+def handler_for(kind: str) -> Callable[[Message, Context], Message]:
+    """Return the handler of a message kind: train, evaluate, else query."""
+    return {"train": train, "evaluate": evaluate}.get(kind, query)

@@ -130,9 +130,7 @@ class Worker:
                 log.info("run %s -> %s: dropping run state", self.run_id, ctx.run_id)
             reset_process_state()
             self.run_id, self.run_model_loads = ctx.run_id, 0
-        fn = {"train": handlers.train, "evaluate": handlers.evaluate}.get(
-            kind, handlers.query
-        )
+        fn = handlers.handler_for(kind)
         before = cache.model_builds()
         start = time.perf_counter()
         reply = fn(msg, ctx)
