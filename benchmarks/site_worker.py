@@ -8,7 +8,10 @@ The same federation (same run-config, same partitions) runs
    one SuperNode per site on 127.0.0.1), where the SuperNode starts a fresh
    ClientApp process for every message, which imports torch and loads the model;
 3. ``deployed_worker``: the same deployment with ``site-worker=true``: the
-   per-message process forwards to the site's long-lived worker.
+   per-message process forwards to the site's long-lived worker;
+4. ``deployed_in_worker``: each site started with ``python -m
+   fedlora.client.supernode``: no process per message, the worker runs the
+   ClientApp tasks itself, and the SuperNode polls the SuperLink every 0.25 s.
 
 Per round (``metrics.jsonl``, the clients' timing metrics from
 ``fedlora.client.app``), the slowest client's time is split into::
@@ -44,7 +47,7 @@ from typing import Any
 from benchmarks.output import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("simulation", "deployed", "deployed_worker")
+MODES = ("simulation", "deployed", "deployed_worker", "deployed_in_worker")
 MODELS = {
     "tiny_llama": ["model=tiny_llama", "data=synthetic"],
     "minilm": ["model=minilm", "data=synthetic"],
@@ -71,16 +74,13 @@ def simulate(work: Path, overrides: list[str]) -> tuple[Path, float]:
     return run_dir, time.perf_counter() - start
 
 
-def deploy(
-    work: Path, run_config: Path, sites: int, worker: bool
-) -> tuple[Path, float]:
+def deploy(work: Path, run_config: Path, sites: int, name: str) -> tuple[Path, float]:
     """Run the same run-config on a local TLS deployment; return run dir, wall time."""
     import tomli
     import tomli_w
 
     from simulations.deployment import LocalDeployment
 
-    name = "deployed_worker" if worker else "deployed"
     out = work / name
     flat = tomli.loads(run_config.read_text())
     flat["output_dir"] = str(out)
@@ -91,9 +91,11 @@ def deploy(
         for site in range(sites):
             dep.register(site)
             node = f"partition-id={site} num-partitions={sites}"
-            if worker:
-                node += f" site-worker=true state-dir='{work / name}-state{site}'"
-            dep.start_site(site, node)
+            if name != "deployed":
+                node += f" state-dir='{work / name}-state{site}'"
+            if name == "deployed_worker":
+                node += " site-worker=true"
+            dep.start_site(site, node, in_worker=name == "deployed_in_worker")
         done = dep.run(ROOT, config, timeout=3600)
         if done.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{done.stdout[-3000:]}{done.stderr}")
@@ -144,20 +146,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work here and keep the logs"
+    )
     args = parser.parse_args(argv)
     overrides = job_overrides(args.model, args.sites, args.rounds, args.steps)
     result: dict[str, Any] = {"job": overrides, "modes": {}}
     with tempfile.TemporaryDirectory(prefix="site-worker-bench-") as tmp:
-        work = Path(tmp)
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         sim_dir, wall = simulate(work, overrides)  # also writes the run-config
         for mode in args.modes:
             if mode == "simulation":
                 run_dir = sim_dir
             else:
                 run_config = sim_dir / "run_config.toml"
-                run_dir, wall = deploy(
-                    work, run_config, args.sites, mode == "deployed_worker"
-                )
+                run_dir, wall = deploy(work, run_config, args.sites, mode)
             lines = (run_dir / "metrics.jsonl").read_text().splitlines()
             rounds = split_rounds([json.loads(x) for x in lines])
             result["modes"][mode] = {

@@ -71,6 +71,14 @@ def supernode_cmd(
     ]  # fmt: skip
 
 
+def site_supernode_cmd(
+    superlink: str, ca_cert: str, private_key: str, node_config: str, port: int
+) -> list[str]:
+    """Site: the same SuperNode, with the site worker running its ClientApp tasks."""
+    flower = supernode_cmd(superlink, ca_cert, private_key, node_config, port)
+    return ["python", "-m", "fedlora.client.supernode", *flower[1:]]
+
+
 def run_cmd(app_dir: str, run_config: str) -> list[str]:
     """Operator: submit the fedlora app with a run-config file and follow it."""
     return ["flwr", "run", app_dir, CONNECTION, "--run-config", run_config, "--stream"]
@@ -138,7 +146,11 @@ class LocalDeployment:
             self.superlink.wait(timeout=30)
 
     def kill_site(self, site: int) -> None:
-        """SIGKILL ``site``'s SuperNode and its ClientApp processes (not its worker)."""
+        """SIGKILL ``site``'s SuperNode and its child processes.
+
+        Its ClientApps, and its site worker when that runs the tasks; not a worker
+        a ClientApp started (that one is detached).
+        """
         proc = self.site_procs.pop(site)
         kill_tree(proc.pid)
         proc.wait(timeout=30)
@@ -191,21 +203,34 @@ class LocalDeployment:
             check=True,
         )
 
-    def start_site(self, site: int, node_config: str) -> subprocess.Popen[bytes]:
-        """Start ``site``'s SuperNode with its own key pair and node-config."""
-        cmd = supernode_cmd(
+    def start_site(
+        self, site: int, node_config: str, in_worker: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """Start ``site``'s SuperNode with its own key pair and node-config.
+
+        ``in_worker``: through ``fedlora.client.supernode`` (the site worker runs
+        the ClientApp tasks; the node-config needs ``state-dir``).
+        """
+        make = site_supernode_cmd if in_worker else supernode_cmd
+        cmd = make(
             self.address,
             str(self.certs / "ca.crt"),
             str(self.certs / f"site-{site}.key"),
             node_config,
             find_free_port(),
         )
+        if in_worker:
+            cmd[0] = sys.executable
         proc = self._spawn(cmd, self.work_dir / f"site-{site}.log", self.site_env)
         self.site_procs[site] = proc
         return proc
 
     def restart_site(
-        self, site: int, node_config: str, timeout: float = 240.0
+        self,
+        site: int,
+        node_config: str,
+        timeout: float = 240.0,
+        in_worker: bool = False,
     ) -> subprocess.Popen[bytes]:
         """Start ``site`` again until the SuperLink accepts it, as a service would.
 
@@ -215,7 +240,7 @@ class LocalDeployment:
         """
         deadline = time.monotonic() + timeout
         while True:
-            proc = self.start_site(site, node_config)
+            proc = self.start_site(site, node_config, in_worker)
             try:
                 code = proc.wait(timeout=15)
             except subprocess.TimeoutExpired:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
-from flwr.app import Context, Message, MetricRecord
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora import packing
 from fedlora import protocol as proto
 from fedlora.client.site import SiteConfig
 
@@ -63,27 +65,57 @@ def _via_worker(kind: str, msg: Message, context: Context, state_dir: str) -> Me
     for key, record in new_state.items():
         context.state[key] = record
     reply = serde.recorddict_from_proto(ProtoRecordDict.FromString(content))
-    metrics = reply.metric_records.get(proto.METRICS)
+    return Message(with_worker_metrics(reply, head), reply_to=msg)
+
+
+def with_worker_metrics(content: RecordDict, head: dict[str, Any]) -> RecordDict:
+    """Add the worker's handler seconds and base-model loads to a reply's metrics."""
+    metrics = content.metric_records.get(proto.METRICS)
     if metrics is not None:
         metrics[proto.WORKER_SECONDS] = float(head.get("seconds", 0.0))
         metrics[proto.WORKER_MODEL_LOADS] = int(head.get("built", 0))
-    return Message(reply, reply_to=msg)
+    return content
+
+
+def with_timings(kind: str, reply: Message, startup: float, seconds: float) -> Message:
+    """Add ``startup-seconds`` and ``handler-seconds`` to a train/evaluate reply."""
+    if kind != "query" and reply.has_content():
+        metrics = reply.content.metric_records.get(proto.METRICS, MetricRecord())
+        metrics[proto.STARTUP_SECONDS] = startup
+        metrics[proto.HANDLER_SECONDS] = seconds
+        reply.content[proto.METRICS] = metrics
+    return reply
+
+
+def unpack_request(msg: Message) -> bool:
+    """Restore a packed request's arrays in place (``fedlora.packing``).
+
+    Returns whether it was packed: the reply is then packed too.
+    """
+    if not msg.has_content() or not packing.content_is_packed(msg.content):
+        return False
+    msg.content = packing.unpack_content(msg.content)
+    return True
+
+
+def pack_reply(reply: Message, packed: bool) -> Message:
+    """Pack ``reply``'s arrays when the request came packed."""
+    if packed and reply.has_content():
+        reply.content = packing.pack_content(reply.content)
+    return reply
 
 
 def _dispatch(kind: str, msg: Message, context: Context) -> Message:
     startup = _startup_seconds()
     start = time.perf_counter()
+    packed = unpack_request(msg)
     site = SiteConfig.from_node_config(context.node_config)
     if site.worker:
         reply = _via_worker(kind, msg, context, site.state_dir)
     else:
         reply = _local(kind)(msg, context)
-    if kind != "query" and reply.has_content():
-        metrics = reply.content.metric_records.get(proto.METRICS, MetricRecord())
-        metrics[proto.STARTUP_SECONDS] = startup
-        metrics[proto.HANDLER_SECONDS] = time.perf_counter() - start
-        reply.content[proto.METRICS] = metrics
-    return reply
+    reply = with_timings(kind, reply, startup, time.perf_counter() - start)
+    return pack_reply(reply, packed)
 
 
 @app.train()

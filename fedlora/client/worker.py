@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.client import worker_link as link
+from fedlora.client.task_loop import quiet_logging
 
 log = logging.getLogger("fedlora.worker")
 
@@ -110,18 +111,18 @@ class Worker:
             "run_model_loads": self.run_model_loads,
         }
 
-    def handle(self, kind: str, message: bytes, context: bytes) -> list[bytes]:
-        """Run handler ``kind`` (train/evaluate/query) on the serialised inputs."""
-        from flwr.common import serde
-        from flwr.proto.message_pb2 import Context as ProtoContext
-        from flwr.proto.message_pb2 import Message as ProtoMessage
+    def run(self, kind: str, msg: Any, ctx: Any) -> tuple[Any, dict[str, Any]]:
+        """Run handler ``kind`` on a Flower Message and Context (updated in place).
+
+        Returns the reply Message and a header: the status plus ``seconds`` (the
+        handler) and ``built`` (base models it loaded). A message of another run
+        first drops every cache, so nothing of one run serves another.
+        """
         from flwr.supercore.task_identity import TaskIdentity
 
         from fedlora import cache
         from fedlora.client import handlers
 
-        msg = serde.message_from_proto(ProtoMessage.FromString(message))
-        ctx = serde.context_from_proto(ProtoContext.FromString(context))
         # what Flower sets in the ClientApp process that received the message
         TaskIdentity.run_id, TaskIdentity.node_id = ctx.run_id, ctx.node_id
         TaskIdentity.task_id = msg.metadata.dst_task_id or 0
@@ -139,7 +140,17 @@ class Worker:
         self.model_loads += built
         self.run_model_loads += built
         self.messages += 1
-        head = {**self.status(), "seconds": seconds, "built": built}
+        return reply, {**self.status(), "seconds": seconds, "built": built}
+
+    def handle(self, kind: str, message: bytes, context: bytes) -> list[bytes]:
+        """Run handler ``kind`` on the serialised inputs; serialised reply frames."""
+        from flwr.common import serde
+        from flwr.proto.message_pb2 import Context as ProtoContext
+        from flwr.proto.message_pb2 import Message as ProtoMessage
+
+        msg = serde.message_from_proto(ProtoMessage.FromString(message))
+        ctx = serde.context_from_proto(ProtoContext.FromString(context))
+        reply, head = self.run(kind, msg, ctx)
         return [
             json.dumps(head).encode(),
             serde.recorddict_to_proto(reply.content).SerializeToString(),
@@ -243,6 +254,29 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="serve: exit after this many idle seconds (0 = never)",
     )
+    parser.add_argument(
+        "--runtime-api-address",
+        default="",
+        help="serve: also run this SuperNode's ClientApp tasks in-process (the "
+        "SuperNode started with --isolation process); host:port of its Runtime API",
+    )
+    parser.add_argument(
+        "--runtime-root-certificates",
+        default="",
+        help="serve: CA file of a TLS Runtime API (default: plain HTTP on the host)",
+    )
+    parser.add_argument(
+        "--task-poll",
+        type=float,
+        default=0.1,
+        help="serve: seconds between asks for a task (Runtime API mode)",
+    )
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="serve: exit when this process (the SuperNode) is gone",
+    )
     args = parser.parse_args(argv)
     state_dir = Path(args.state_dir).resolve()
     if args.command == "status":
@@ -253,17 +287,29 @@ def main(argv: list[str] | None = None) -> int:
         stopped = link.stop(str(state_dir))
         print("stopped" if stopped else f"no site worker at {state_dir}")
         return 0 if stopped else 1
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    quiet_logging()
     # torch & co first: the socket appears only when the worker can answer, so a
     # ClientApp waiting for it never mistakes a slow start for a dead worker.
     import fedlora.client.handlers  # noqa: F401
 
     listener = bind(state_dir)
     log.info("pid %d serving %s", os.getpid(), link.socket_path(state_dir))
+    worker = Worker(state_dir, args.idle_exit)
+    if args.runtime_api_address:
+        from fedlora.client import task_loop
+
+        certs = args.runtime_root_certificates
+        loop = task_loop.TaskLoop(
+            worker,
+            args.runtime_api_address,
+            poll=args.task_poll,
+            root_certificates=Path(certs).read_bytes() if certs else None,
+            parent_pid=args.parent_pid,
+        )
+        task_loop.start(loop)
+        log.info("running the tasks of the SuperNode at %s", args.runtime_api_address)
     try:
-        Worker(state_dir, args.idle_exit).serve(listener)
+        worker.serve(listener)
     finally:
         listener.close()
         link.socket_path(state_dir).unlink(missing_ok=True)

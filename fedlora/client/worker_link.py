@@ -213,15 +213,21 @@ def code_hash() -> str:
     worker of the same version is kept, wherever its copy of the code lives.
     """
     if not _CODE_HASH:
-        import hashlib
-
         package = Path(code_root()) / "fedlora"
-        digest = hashlib.sha256()
-        for path in sorted(package.rglob("*.py")):
-            digest.update(str(path.relative_to(package)).encode() + b"\0")
-            digest.update(path.read_bytes())
-        _CODE_HASH.append(digest.hexdigest())
+        files = {p.relative_to(package).as_posix(): p for p in package.rglob("*.py")}
+        _CODE_HASH.append(sources_hash({k: v.read_bytes() for k, v in files.items()}))
     return _CODE_HASH[0]
+
+
+def sources_hash(sources: dict[str, bytes]) -> str:
+    """SHA-256 over ``{path inside fedlora/: bytes}``, in path order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(sources):
+        digest.update(name.encode() + b"\0")
+        digest.update(sources[name])
+    return digest.hexdigest()
 
 
 def code_root() -> str:

@@ -1,0 +1,200 @@
+"""``flower-supernode`` with the site worker as its executor: one command per site.
+
+    python -m fedlora.client.supernode [--fleet-poll 0.25] <flower-supernode args>
+
+takes every ``flower-supernode`` argument (the node-config must name a
+``state-dir``) and runs Flower's SuperNode in this process with three changes:
+
+- ``--isolation process``: the SuperNode starts no ``flower-superexec``, so no
+  process is started per message;
+- a **supervised site worker** (``python -m fedlora.client.worker serve
+  --runtime-api-address ...``) runs every ClientApp task in-process with the base
+  model, data and DP ledger kept warm (``fedlora.client.task_loop``). If it dies
+  the message it was handling is answered with an error at once (the server drops
+  the site for that round) and a new worker serves the next one. It exits with
+  the SuperNode;
+- the SuperNode asks the SuperLink for messages every ``--fleet-poll`` seconds
+  when idle instead of Flower 1.41's fixed 3 s (``time.sleep(3)`` in
+  ``flwr.supernode.start_client_internal``), where a message waited 1.5 s on
+  average, and retries a message's arrays after ``poll / 5`` s, not 1 s
+  (:func:`patch_fleet_poll`). That is one small request per poll per site, which
+  a SuperLink serves easily for hundreds of sites; raise it for thousands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fedlora.supernode")
+
+DEFAULT_FLEET_POLL = 0.25
+_RESTART_BACKOFF = (1.0, 30.0)  # first and longest wait before a restart
+
+
+class QuickIdle(types.SimpleNamespace):
+    """A ``time`` module whose ``sleep`` waits at most ``poll`` seconds."""
+
+    def __init__(self, poll: float) -> None:
+        super().__init__(poll=poll)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep ``min(seconds, poll)``: Flower's loops poll again sooner."""
+        time.sleep(min(seconds, self.poll))
+
+
+def patch_fleet_poll(poll: float) -> None:
+    """Make the SuperNode wait at most ``poll`` seconds where Flower waits 0.5-3 s.
+
+    Two waits in ``flwr.supernode.start_client_internal`` (Flower 1.41): the idle
+    loop's ``time.sleep(3)`` and the reply wait's 0.5 s sleeps (``time`` is
+    replaced by :class:`QuickIdle`), and the first retry for a message's objects
+    (``pull_objects``: 1 s, then 2 s, 4 s; the SuperNode sees a message before
+    the server has pushed its arrays, so every message paid ~1.7 s) which now
+    starts at ``poll / 5``.
+    """
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supernode import start_client_internal as sci
+
+    pull = getattr(sci, "pull_objects", None)
+    original = getattr(pull, "func", pull)
+    if not isinstance(getattr(sci, "time", None), types.ModuleType | QuickIdle) or (
+        original is not inflatable_utils.pull_objects
+    ):
+        raise RuntimeError(
+            "flwr.supernode.start_client_internal no longer uses the time module "
+            "and pull_objects; this Flower version is not supported by "
+            "fedlora.client.supernode"
+        )
+    setattr(sci, "time", QuickIdle(poll))  # noqa: B010 - not exported
+    quick = functools.partial(
+        original, initial_backoff=poll / 5, backoff_cap=max(poll, 1.0)
+    )
+    setattr(sci, "pull_objects", quick)  # noqa: B010
+
+
+def _flower_options() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--node-config", default="")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9094)
+    parser.add_argument("--isolation", default="process")
+    parser.add_argument("--ssl-ca-certfile", default="")
+    return parser
+
+
+def worker_command(
+    state_dir: str, address: str, ca_file: str, parent_pid: int
+) -> list[str]:
+    """Return the supervised worker's command (tasks in-process, exits with parent)."""
+    cmd = [
+        sys.executable, "-m", "fedlora.client.worker", "serve",
+        "--state-dir", state_dir,
+        "--runtime-api-address", address,
+        "--parent-pid", str(parent_pid),
+    ]  # fmt: skip
+    if ca_file:
+        cmd += ["--runtime-root-certificates", ca_file]
+    return cmd
+
+
+def supervise(cmd: list[str], state_dir: Path, address: str, ca_file: str) -> None:
+    """Run the worker; when it exits, fail its orphaned task and start another."""
+    from fedlora.client import task_loop
+    from fedlora.client.worker_link import LOG_NAME
+
+    wait = _RESTART_BACKOFF[0]
+    certs = Path(ca_file).read_bytes() if ca_file else None
+    while True:
+        started = time.monotonic()
+        with (state_dir / LOG_NAME).open("ab") as out:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        code = proc.wait()
+        reason = (
+            f"the site worker (pid {proc.pid}) exited with {code} while handling "
+            "this message; a new worker serves the next one"
+        )
+        if task_loop.fail_orphaned_task(state_dir, address, reason, certs):
+            log.warning("worker died mid-message (exit %s): error replied", code)
+        else:
+            log.warning("site worker exited with %s: restarting it", code)
+        # a worker that dies at once (bad install, port taken) is retried slower
+        quick = time.monotonic() - started < 30.0
+        wait = min(wait * 2, _RESTART_BACKOFF[1]) if quick else _RESTART_BACKOFF[0]
+        time.sleep(wait)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse our options, start the supervised worker, run Flower's SuperNode."""
+    from flwr.common.config import parse_config_args
+
+    from fedlora.client.site import SiteConfig
+    from fedlora.client.task_loop import quiet_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours = argparse.ArgumentParser(
+        prog="python -m fedlora.client.supernode",
+        description=__doc__.split("\n")[0],
+        epilog="Every other argument goes to flower-supernode.",
+    )
+    ours.add_argument(
+        "--fleet-poll",
+        type=float,
+        default=DEFAULT_FLEET_POLL,
+        help="seconds between asks to the SuperLink for a message when idle "
+        f"(default {DEFAULT_FLEET_POLL}; Flower's own is 3)",
+    )
+    args, flower_args = ours.parse_known_args(argv)
+    if not 0.01 <= args.fleet_poll <= 3.0:
+        ours.error(f"--fleet-poll must be in [0.01, 3] seconds, got {args.fleet_poll}")
+    options, _ = _flower_options().parse_known_args(flower_args)
+    if options.isolation != "process":
+        ours.error(
+            f"--isolation {options.isolation}: this command runs the ClientApp in "
+            "its site worker (isolation process); use flower-supernode for others"
+        )
+    given = [options.node_config] if options.node_config else None
+    node_config = parse_config_args(given)
+    site = SiteConfig.from_node_config(node_config or {})
+    if not site.state_dir:
+        ours.error(
+            "the node-config needs state-dir=<directory>: the site worker keeps its "
+            "socket, log and ledger there"
+        )
+    state_dir = Path(site.state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    host = "127.0.0.1" if options.host in ("0.0.0.0", "::", "") else options.host
+    address = f"{host}:{options.port}"
+    quiet_logging()
+    cmd = worker_command(str(state_dir), address, options.ssl_ca_certfile, os.getpid())
+    threading.Thread(
+        target=supervise,
+        args=(cmd, state_dir, address, options.ssl_ca_certfile),
+        name="site-worker-supervisor",
+        daemon=True,
+    ).start()
+    patch_fleet_poll(args.fleet_poll)
+    if "--isolation" not in flower_args:
+        flower_args += ["--isolation", "process"]
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *flower_args]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
