@@ -342,6 +342,8 @@ class FedAvgLora(FedAvg):
                 reason,
             )
         stats.accepted = len(good)
+        metrics = [m.content.metric_records[proto.METRICS] for m in good]
+        stats.extra.update(client_times(metrics))  # also when too few to apply
         if len(good) < max(1, self.min_train_nodes):
             log(
                 WARNING,
@@ -352,7 +354,6 @@ class FedAvgLora(FedAvg):
                 max(1, self.min_train_nodes),
             )
             return None, None
-        metrics = [m.content.metric_records[proto.METRICS] for m in good]
         weights = [
             metric(m, proto.NUM_EXAMPLES) if self.weighting == "num_examples" else 1.0
             for m in metrics
@@ -368,7 +369,6 @@ class FedAvgLora(FedAvg):
             w * x for w, x in zip(weights, losses, strict=True)
         ) / sum(weights)
         stats.client_train_seconds = [metric(m, proto.TRAIN_SECONDS) for m in metrics]
-        stats.extra.update(client_times(metrics))
         log(
             INFO,
             "Round %d: aggregated %d of %d replies",

@@ -58,13 +58,21 @@ def send_and_receive(
     messages: Iterable[Message],
     timeout: float | None,
     poll: float = POLL_SECONDS,
+    round_: int | None = None,
 ) -> list[Message]:
     """Push ``messages``; return the replies that arrive within ``timeout`` seconds.
 
     Like ``Grid.send_and_receive``: ``timeout=None`` waits for every reply; replies
-    (error replies included) come back in arrival order.
+    (error replies included) come back in arrival order. ``round_`` becomes the
+    messages' ``group_id`` where unset: SuperNodes log it, and a site can tell
+    which round a message belongs to.
     """
     from flwr.superlink.grid.http_grid import HttpGrid
+
+    messages = list(messages)
+    if round_ is not None:
+        for msg in messages:
+            msg.metadata.group_id = msg.metadata.group_id or str(round_)
 
     if isinstance(grid, HttpGrid):  # a deployment (simulations move no objects)
         quick_retries()

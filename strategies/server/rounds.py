@@ -166,7 +166,7 @@ def run_federation(
     for rnd in range(done + 1, cfg.federation.rounds + 1):
         start = time.perf_counter()
         messages = strategy.configure_train(rnd, arrays, evaluator.config(), grid)
-        replies = send_and_receive(grid, messages, timeout)
+        replies = send_and_receive(grid, messages, timeout, round_=rnd)
         train_end = time.perf_counter()
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
@@ -225,7 +225,7 @@ def _federated_evaluation(
     messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
     if not messages:
         return {}
-    replies = send_and_receive(grid, messages, timeout)
+    replies = send_and_receive(grid, messages, timeout, round_=rnd)
     metrics = strategy.aggregate_evaluate(rnd, replies)
     if metrics is None:
         return {}
