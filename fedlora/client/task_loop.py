@@ -384,7 +384,19 @@ def _alive(pid: int) -> bool:
 
 
 def start(loop: TaskLoop) -> threading.Thread:
-    """Run ``loop`` in a daemon thread."""
-    thread = threading.Thread(target=loop.run, name="task-loop", daemon=True)
+    """Run ``loop`` in a daemon thread; if it ever fails, the worker exits.
+
+    A worker whose task loop died would answer its socket but run no task; exiting
+    lets the supervisor (``fedlora.client.supernode``) start a healthy one.
+    """
+
+    def guarded() -> None:
+        try:
+            loop.run()
+        except Exception:  # noqa: BLE001 - logged, then the process is replaced
+            log.error("task loop failed; exiting:\n%s", traceback.format_exc())
+            loop.worker.stopping.set()
+
+    thread = threading.Thread(target=guarded, name="task-loop", daemon=True)
     thread.start()
     return thread

@@ -134,3 +134,18 @@ def test_the_worker_command_runs_tasks_and_follows_its_parent() -> None:
     assert "--runtime-root-certificates" not in cmd
     tls = supernode.worker_command("/s", "h:1", "ca.crt", 1)
     assert tls[tls.index("--runtime-root-certificates") + 1] == "ca.crt"
+
+
+def test_a_failed_task_loop_stops_the_worker(tmp_path: Path) -> None:
+    """Else the worker would answer its socket but never run a task again."""
+    from fedlora.client.worker import Worker
+
+    worker = Worker(tmp_path, idle_exit=0.0)
+    loop = task_loop.TaskLoop(worker, "127.0.0.1:1")
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    loop.run = broken  # type: ignore[method-assign]
+    task_loop.start(loop).join(timeout=10)
+    assert worker.stopping.is_set()

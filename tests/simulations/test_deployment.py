@@ -17,6 +17,7 @@ from simulations.deployment import (
     connection_toml,
     register_cmd,
     run_cmd,
+    site_supernode_cmd,
     superlink_cmd,
     supernode_cmd,
 )
@@ -34,6 +35,13 @@ def test_the_readme_guide_shows_exactly_these_commands() -> None:
             "certs/ca.crt",
             "certs/site-0.key",
             "data-path=/data/site-0.jsonl state-dir=/var/lib/fedlora site-worker=true",
+            9094,
+        ),
+        site_supernode_cmd(
+            "superlink.example.org:8000",
+            "certs/ca.crt",
+            "certs/site-0.key",
+            "data-path=/data/site-0.jsonl state-dir=/var/lib/fedlora",
             9094,
         ),
         run_cmd(".", "run.toml"),

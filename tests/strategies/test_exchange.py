@@ -97,8 +97,8 @@ def test_a_deployment_sends_and_receives_arrays_packed(
     ]
     grid = DeployedGrid()
     replies = send_and_receive(grid, messages, timeout=30, poll=0.01, round_=4)
-    assert grid.seen == [True, True]
-    assert [m.metadata.group_id for m in messages] == ["4", "4"]  # one object on the wire per ArrayRecord
+    assert grid.seen == [True, True]  # one object on the wire per ArrayRecord
+    assert [m.metadata.group_id for m in messages] == ["4", "4"]
     for reply in replies:  # and the strategy sees plain arrays again
         got = reply.content.array_records["arrays"]
         assert list(got.keys()) == list(arrays.keys())
