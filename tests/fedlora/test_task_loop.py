@@ -74,11 +74,16 @@ def test_no_orphaned_task_means_nothing_to_fail(tmp_path: Path) -> None:
     assert not task_loop.fail_orphaned_task(tmp_path, "127.0.0.1:1", "gone")
 
 
-def test_quick_idle_caps_sleeps_and_keeps_the_rest_of_time() -> None:
-    quick = supernode.QuickIdle(0.05)
-    start = time.monotonic()
-    quick.sleep(3)
-    assert time.monotonic() - start < 1.0
+def test_quick_idle_shortens_both_waits_and_keeps_the_rest_of_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    quick = supernode.QuickIdle(0.7)
+    quick.sleep(3)  # the idle poll of the SuperLink
+    quick.sleep(0.5)  # a look at the SuperNode's own state
+    quick.sleep(0.01)
+    assert slept == [0.7, supernode.QuickIdle.LOCAL_WAIT, 0.01]
     assert quick.monotonic is time.monotonic
     assert quick.time is time.time
 
@@ -88,13 +93,13 @@ def test_the_patched_flower_loop_still_sleeps_3_s_when_idle() -> None:
     from flwr.supernode import start_client_internal as sci
 
     source = inspect.getsource(sci.start_client_internal)
-    assert "time.sleep(3)" in source
+    assert f"time.sleep({supernode.QuickIdle.IDLE:g})" in source
     assert "pull_objects(" in inspect.getsource(sci._pull_and_store_message)
     original_time, original_pull = sci.time, sci.pull_objects
     try:
         supernode.patch_fleet_poll(0.2)
         assert isinstance(sci.time, supernode.QuickIdle) and sci.time.poll == 0.2
-        assert sci.pull_objects.keywords["initial_backoff"] == pytest.approx(0.04)
+        assert sci.pull_objects.keywords["initial_backoff"] == 0.05
         supernode.patch_fleet_poll(0.5)  # twice: still one layer
         assert sci.pull_objects.func is original_pull
     finally:

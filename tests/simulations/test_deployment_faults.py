@@ -1,12 +1,12 @@
-"""Crashes on a real TLS deployment (127.0.0.1, real processes, site workers):
-the server killed mid-run resumes to the same adapter as an uninterrupted run; a
-DP site killed and restarted continues its privacy accountant."""
+"""Crashes on a real TLS deployment (127.0.0.1, real processes, sites started with
+the site command ``python -m fedlora.client.supernode``): the server killed
+mid-run resumes to the same adapter as an uninterrupted run; a DP site killed
+(SuperNode and worker) and restarted continues its privacy accountant."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def start_sites(dep: LocalDeployment, files: dict[str, Path], state: Path) -> None:
     for site in (0, 1):
         dep.register(site)
-        dep.start_site(site, site_config(files, state, site))
+        dep.start_site(site, site_config(files, state, site), in_worker=True)
 
 
 def site_config(files: dict[str, Path], state: Path, site: int) -> str:
     data = files[f"site-{site}"]
-    return f"data-path='{data}' state-dir='{state}/s{site}' site-worker=true"
+    return f"data-path='{data}' state-dir='{state}/s{site}'"
 
 
 def wait_for(path: Path, timeout: float = 300.0) -> None:
@@ -39,6 +39,18 @@ def wait_for(path: Path, timeout: float = 300.0) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.2)
+
+
+def _alive(pid: int, timeout: float = 10.0) -> bool:
+    """Whether ``pid`` still runs after ``timeout`` s (a killed child is reaped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def rows(run_dir: Path) -> list[dict[str, object]]:
@@ -69,8 +81,6 @@ def test_server_killed_after_round_1_resumes_to_the_same_adapter(
         dep.start_superlink()  # same database: the sites' keys stay registered
         done = dep.run(ROOT, resume_cfg, timeout=480)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-        for site in (0, 1):
-            worker_link.stop(str(tmp_path / f"s{site}"))
     assert not dep.leftovers()
     assert [r["round"] for r in rows(crash_dir)] == [0, 1, 2, 3]
     final = "checkpoints/round-003/global.safetensors"
@@ -98,12 +108,10 @@ def test_a_dp_site_killed_and_restarted_continues_its_accountant(
         wait_for(run_dir / "checkpoints" / "round-001" / "state.json")
         status = worker_link.ping(str(tmp_path / "s0"))
         assert status is not None
-        dep.kill_site(0)  # the SuperNode and its ClientApp ...
-        os.kill(int(status["pid"]), signal.SIGKILL)  # ... and its worker
-        dep.restart_site(0, site_config(files, tmp_path, 0))
+        dep.kill_site(0)  # SIGKILL: the SuperNode and its worker
+        assert not _alive(int(status["pid"]))
+        dep.restart_site(0, site_config(files, tmp_path, 0), in_worker=True)
         assert flwr_run.wait(timeout=600) == 0
-        for site in (0, 1):
-            worker_link.stop(str(tmp_path / f"s{site}"))
     assert not dep.leftovers()
     # every reply's report carries the site's cumulative DP steps: per site they
     # must read c, 2c, 3c, ... over the rounds it trained (a reset would restart)

@@ -1,5 +1,6 @@
-"""Faults in a real deployment: a site killed mid-round is dropped for that round,
-the round completes with the others, and the restarted site rejoins later rounds."""
+"""Faults in a real deployment: a site (SuperNode and its worker, started with the
+site command) killed mid-round is dropped for that round, the round completes
+with the others, and the restarted site rejoins later rounds."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_a_site_killed_mid_round_is_dropped_and_rejoins_after_restart(
             "data.num_examples": 300,
             "federation.clients": 3,
             "federation.min_clients": 2,
-            "federation.rounds": 3,
+            "federation.rounds": 6,  # rounds take seconds: time for the restart
             "federation.local_steps": 3,
             "federation.round_timeout": 120,
             "train.batch_size": 4,
@@ -58,7 +59,7 @@ def test_a_site_killed_mid_round_is_dropped_and_rejoins_after_restart(
         )
         for site in range(3):
             dep.register(site)
-            dep.start_site(site, node_config.format(site))
+            dep.start_site(site, node_config.format(site), in_worker=True)
 
         def chaos() -> None:
             log = dep.work_dir / "site-2.log"
@@ -71,7 +72,7 @@ def test_a_site_killed_mid_round_is_dropped_and_rejoins_after_restart(
                 time.sleep(0.1)
             while time.monotonic() < deadline:  # bring it back after round 1
                 if len(_rows(run_dir)) >= 2:
-                    dep.start_site(2, node_config.format(2))
+                    dep.restart_site(2, node_config.format(2), in_worker=True)
                     events.append("restarted")
                     return
                 time.sleep(0.2)
@@ -84,7 +85,7 @@ def test_a_site_killed_mid_round_is_dropped_and_rejoins_after_restart(
     assert not dep.leftovers()
     assert events == ["killed", "restarted"]
     rows = _rows(run_dir)
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
     first = rows[1]
     assert first["clients"] == 2 and first["clients_sampled"] == 3
     reasons = [d["reason"] for d in first["dropped"]]  # type: ignore[union-attr]
