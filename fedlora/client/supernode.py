@@ -16,7 +16,7 @@ takes every ``flower-supernode`` argument (the node-config must name a
 - shorter waits (:func:`patch_fleet_poll`): an idle SuperNode asks the SuperLink
   for messages every ``--fleet-poll`` seconds instead of Flower 1.41's fixed 3 s
   (``time.sleep(3)`` in ``flwr.supernode.start_client_internal``, where a message
-  waited 1.5 s on average); it looks at its own state for a reply every 0.02 s,
+  waited 1.5 s on average); it looks at its own state for a reply every 0.1 s,
   not 0.5 s; and it retries a message's arrays after 0.05 s, not 1 s. Each poll
   is a request the SuperLink authenticates and serves from its database, so the
   SuperLink's load grows with sites / poll: on one 2-core machine with 3 sites a
@@ -52,7 +52,7 @@ class QuickIdle(types.SimpleNamespace):
     reply or an object (local and cheap: now ``LOCAL_WAIT`` seconds).
     """
 
-    LOCAL_WAIT = 0.02
+    LOCAL_WAIT = 0.1
     IDLE = 3.0  # Flower 1.41's idle sleep; a test checks the source still has it
 
     def __init__(self, poll: float) -> None:

@@ -192,7 +192,7 @@ class TaskLoop:
         self,
         worker: Worker,
         address: str,
-        poll: float = 0.1,
+        poll: float = 0.2,
         root_certificates: bytes | None = None,
         parent_pid: int | None = None,
     ) -> None:

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--task-poll",
         type=float,
-        default=0.1,
+        default=0.2,
         help="serve: seconds between asks for a task (Runtime API mode)",
     )
     parser.add_argument(
