@@ -202,6 +202,7 @@ class TaskLoop:
         self.root_certificates = root_certificates
         self.parent_pid = parent_pid
         self.task_file = worker.state_dir / TASK_FILE
+        self.accepted_fabs: set[str] = set()  # FAB hashes whose code matched
 
     def acquire(self, client: RuntimeHttpClient) -> str | None:
         """Claim the next ClientApp task; its token, or ``None`` if none waits."""
@@ -222,7 +223,7 @@ class TaskLoop:
         unreachable = False
         try:
             while not self.worker.stopping.is_set():
-                if self.parent_pid is not None and not _alive(self.parent_pid):
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     log.info("SuperNode (pid %d) is gone: exiting", self.parent_pid)
                     self.worker.stopping.set()
                     break
@@ -267,7 +268,9 @@ class TaskLoop:
         try:
             msg, ctx, _run, fab = pull_task_input(client)
             self._record(token, msg, ctx)
-            check_fab(fab.content)
+            if fab.hash_str not in self.accepted_fabs:  # once per run's app
+                check_fab(fab.content)
+                self.accepted_fabs.add(fab.hash_str)
             kind = message_kind(msg.metadata.message_type)
             times["pulled"] = start = time.perf_counter()
             packed = unpack_request(msg)
@@ -370,16 +373,6 @@ def fail_orphaned_task(
         return False
     finally:
         client.close()
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         "--parent-pid",
         type=int,
         default=None,
-        help="serve: exit when this process (the SuperNode) is gone",
+        help="serve: the pid of the SuperNode that started this worker as its "
+        "child; the worker exits when it is gone (its parent changes)",
     )
     args = parser.parse_args(argv)
     state_dir = Path(args.state_dir).resolve()
