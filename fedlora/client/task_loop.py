@@ -16,8 +16,8 @@ Rules:
   sources than the worker's is refused with an error naming both hashes (a site
   does not execute code a server sends without its operator's consent).
 - **A crash fails its message at once.** Before a task runs its token and the
-  message's routing (no content) go to ``site-worker.task`` (0600) in the state
-  directory; whoever restarts a crashed worker (``fedlora.client.supernode``)
+  message's routing (no content) go to ``site-worker-<hash>.task`` (0600) in the
+  state directory; whoever restarts a crashed worker (``fedlora.client.supernode``)
   replies with an error for that message (:func:`fail_orphaned_task`), so the
   server drops the site for the round without waiting for the token to expire.
 """
@@ -43,7 +43,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedlora.worker")
 
 CLIENT_APP_TASK = "flwr-clientapp"  # flwr.supercore.constant.TaskType.CLIENT_APP
-TASK_FILE = "site-worker.task"
+TASK_GLOB = "site-worker-*.task"  # one file per task in flight
+
+
+def task_file(state_dir: Path, token: str) -> Path:
+    """Where a task in flight is recorded (named by a hash of its token)."""
+    import hashlib
+
+    digest = hashlib.sha256(token.encode()).hexdigest()[:16]
+    return state_dir / TASK_GLOB.replace("*", digest)
 
 
 class FabRefused(RuntimeError):
@@ -201,7 +209,6 @@ class TaskLoop:
         self.poll = poll
         self.root_certificates = root_certificates
         self.parent_pid = parent_pid
-        self.task_file = worker.state_dir / TASK_FILE
         self.accepted_fabs: set[str] = set()  # FAB hashes whose code matched
 
     def acquire(self, client: RuntimeHttpClient) -> str | None:
@@ -239,7 +246,12 @@ class TaskLoop:
                 if token is None:
                     time.sleep(self.poll)
                     continue
-                self.execute(token)
+                # a thread per task: a task whose arrays never arrive (its run was
+                # stopped) must not hold up the next run's; handlers still run one
+                # at a time (the worker's busy lock)
+                threading.Thread(
+                    target=self.execute, args=(token,), name="task", daemon=True
+                ).start()
         finally:
             client.close()
 
@@ -296,7 +308,7 @@ class TaskLoop:
                 log.error("could not push the reply:\n%s", traceback.format_exc())
                 status = SubStatus.FAILED
             push_task_output(client, ctx, status, details)
-            self.task_file.unlink(missing_ok=True)
+            task_file(self.worker.state_dir, token).unlink(missing_ok=True)
             beat.stop()
             client.close()
             log.info("%s task %s: %s", kind, status, _durations(times))
@@ -316,7 +328,8 @@ class TaskLoop:
             "run_id": ctx.run_id,
             "node_id": ctx.node_id,
         }
-        fd = os.open(self.task_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        path = task_file(self.worker.state_dir, token)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(record, out)
 
@@ -335,14 +348,22 @@ def _durations(times: dict[str, float]) -> str:
 def fail_orphaned_task(
     state_dir: Path, address: str, reason: str, root_certificates: bytes | None = None
 ) -> bool:
-    """Reply with an error for the task a dead worker left; ``True`` if there was one.
+    """Reply with an error for each task a dead worker left; ``True`` if any.
 
     Called by the worker's supervisor after a crash: the server then drops the
     site for this round at once instead of after the task token expires.
     """
-    path = state_dir / TASK_FILE
-    if not path.is_file():
-        return False
+    failed = False
+    for path in sorted(state_dir.glob(TASK_GLOB)):
+        record = json.loads(path.read_text())
+        path.unlink()
+        failed |= _fail_task(record, address, reason, root_certificates)
+    return failed
+
+
+def _fail_task(
+    record: dict[str, Any], address: str, reason: str, certs: bytes | None
+) -> bool:
     from flwr.app import Context, Message, RecordDict
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
@@ -350,14 +371,12 @@ def fail_orphaned_task(
     from flwr.proto.message_pb2 import Message as ProtoMessage
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-    record = json.loads(path.read_text())
-    path.unlink()
     msg = message_from_proto(ProtoMessage.FromString(bytes.fromhex(record["message"])))
     msg.metadata.__dict__["_message_id"] = record["message_id"]
     reply = Message(
         Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
     )
-    client = runtime_client(address, record["token"], root_certificates)
+    client = runtime_client(address, record["token"], certs)
     try:
         routing = Context(
             run_id=int(record["run_id"]),

@@ -15,7 +15,7 @@ import pytest
 from tiny_configs import deployed_job
 
 from fedlora.client import worker_link
-from fedlora.client.task_loop import TASK_FILE
+from fedlora.client.task_loop import TASK_GLOB
 from simulations.deployment import LocalDeployment
 
 pytestmark = pytest.mark.slow
@@ -31,15 +31,15 @@ def rows(run_dir: Path) -> list[dict[str, object]]:
 
 def kill_worker_during_round(state_dir: Path, round_: int, timeout: float) -> int:
     """SIGKILL the site worker once it holds the ``round_`` train task; its pid."""
-    task = state_dir / TASK_FILE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            record = json.loads(task.read_text())
-        except (OSError, ValueError):
-            time.sleep(0.02)
-            continue
-        if record.get("group_id") == str(round_):
+        records = []
+        for task in state_dir.glob(TASK_GLOB):
+            try:
+                records.append(json.loads(task.read_text()))
+            except (OSError, ValueError):
+                pass
+        if any(r.get("group_id") == str(round_) for r in records):
             status = worker_link.ping(str(state_dir))
             assert status is not None
             os.kill(int(status["pid"]), signal.SIGKILL)
