@@ -71,3 +71,13 @@ def deployed_job(
     run_config = tmp_path / "run.toml"
     write_run_config(build_config(ExperimentConfig, values), run_config)
     return files, run_config
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` so far (none before it exists)."""
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]

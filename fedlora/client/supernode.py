@@ -122,7 +122,7 @@ def worker_command(
 
 def supervise(cmd: list[str], state_dir: Path, address: str, ca_file: str) -> None:
     """Run the worker; when it exits, fail its orphaned task and start another."""
-    from fedlora.client import task_loop
+    from fedlora.client import task_records
     from fedlora.client.worker_link import LOG_NAME
 
     wait = _RESTART_BACKOFF[0]
@@ -138,7 +138,7 @@ def supervise(cmd: list[str], state_dir: Path, address: str, ca_file: str) -> No
             f"the site worker (pid {proc.pid}) exited with {code} while handling "
             "this message; a new worker serves the next one"
         )
-        if task_loop.fail_orphaned_task(state_dir, address, reason, certs):
+        if task_records.fail_orphaned_task(state_dir, address, reason, certs):
             log.warning("worker died mid-message (exit %s): error replied", code)
         else:
             log.warning("site worker exited with %s: restarting it", code)

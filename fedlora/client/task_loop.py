@@ -18,21 +18,19 @@ Rules:
 - **A crash fails its message at once.** Before a task runs its token and the
   message's routing (no content) go to ``site-worker-<hash>.task`` (0600) in the
   state directory; whoever restarts a crashed worker (``fedlora.client.supernode``)
-  replies with an error for that message (:func:`fail_orphaned_task`), so the
+  replies with an error for that message (``fedlora.client.task_records``), so the
   server drops the site for the round without waiting for the token to expire.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import threading
 import time
 import traceback
 import zipfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,18 +38,11 @@ if TYPE_CHECKING:
 
     from fedlora.client.worker import Worker
 
+from fedlora.client.task_records import record_task, runtime_client, task_file
+
 log = logging.getLogger("fedlora.worker")
 
 CLIENT_APP_TASK = "flwr-clientapp"  # flwr.supercore.constant.TaskType.CLIENT_APP
-TASK_GLOB = "site-worker-*.task"  # one file per task in flight
-
-
-def task_file(state_dir: Path, token: str) -> Path:
-    """Where a task in flight is recorded (named by a hash of its token)."""
-    import hashlib
-
-    digest = hashlib.sha256(token.encode()).hexdigest()[:16]
-    return state_dir / TASK_GLOB.replace("*", digest)
 
 
 class FabRefused(RuntimeError):
@@ -88,30 +79,6 @@ def check_fab(content: bytes) -> None:
             "runs only the code it installed: install the run's fedlora version "
             "at the site and restart its SuperNode"
         )
-
-
-def runtime_client(
-    address: str, token: str | None, root_certificates: bytes | None
-) -> RuntimeHttpClient:
-    """HTTP client of the SuperNode's Runtime API (with a task token, for a task)."""
-    from flwr.supercore.interceptors import (
-        RuntimeTokenHttpInterceptor,
-        RuntimeVersionHttpInterceptor,
-    )
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-
-    component = "flwr-clientapp" if token else "SuperExec"
-    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name=component)]
-    if token:
-        interceptors.append(RuntimeTokenHttpInterceptor(token))
-    return RuntimeHttpClient.from_server_address(
-        server_address=address,
-        insecure=root_certificates is None,
-        root_certificates=root_certificates,
-        interceptors=interceptors,
-        retry_invoker=make_simple_http_retry_invoker(),
-    )
 
 
 def _heartbeat_fn(client: RuntimeHttpClient) -> Any:
@@ -279,7 +246,7 @@ class TaskLoop:
         kind = "?"
         try:
             msg, ctx, _run, fab = pull_task_input(client)
-            self._record(token, msg, ctx)
+            record_task(self.worker.state_dir, token, msg, ctx)
             if fab.hash_str not in self.accepted_fabs:  # once per run's app
                 check_fab(fab.content)
                 self.accepted_fabs.add(fab.hash_str)
@@ -313,26 +280,6 @@ class TaskLoop:
             client.close()
             log.info("%s task %s: %s", kind, status, _durations(times))
 
-    def _record(self, token: str, msg: Any, ctx: Any) -> None:
-        """Write what :func:`fail_orphaned_task` needs if this process dies."""
-        from flwr.app.message import remove_content_from_message
-        from flwr.common.serde import message_to_proto
-
-        routing = message_to_proto(remove_content_from_message(msg))
-        record = {
-            "token": token,
-            "message": routing.SerializeToString().hex(),
-            "message_id": msg.metadata.message_id,
-            "message_type": msg.metadata.message_type,
-            "group_id": msg.metadata.group_id,  # the server round
-            "run_id": ctx.run_id,
-            "node_id": ctx.node_id,
-        }
-        path = task_file(self.worker.state_dir, token)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(record, out)
-
 
 def _durations(times: dict[str, float]) -> str:
     """``pull 0.12 s, run 3.40 s, push 0.08 s`` from the marks a task reached."""
@@ -343,56 +290,6 @@ def _durations(times: dict[str, float]) -> str:
         f"pull {pulled - times['start']:.2f} s, run {ran - pulled:.2f} s, "
         f"push {end - ran:.2f} s"
     )
-
-
-def fail_orphaned_task(
-    state_dir: Path, address: str, reason: str, root_certificates: bytes | None = None
-) -> bool:
-    """Reply with an error for each task a dead worker left; ``True`` if any.
-
-    Called by the worker's supervisor after a crash: the server then drops the
-    site for this round at once instead of after the task token expires.
-    """
-    failed = False
-    for path in sorted(state_dir.glob(TASK_GLOB)):
-        record = json.loads(path.read_text())
-        path.unlink()
-        failed |= _fail_task(record, address, reason, root_certificates)
-    return failed
-
-
-def _fail_task(
-    record: dict[str, Any], address: str, reason: str, certs: bytes | None
-) -> bool:
-    from flwr.app import Context, Message, RecordDict
-    from flwr.app.error import Error
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.common.serde import message_from_proto
-    from flwr.proto.message_pb2 import Message as ProtoMessage
-    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
-
-    msg = message_from_proto(ProtoMessage.FromString(bytes.fromhex(record["message"])))
-    msg.metadata.__dict__["_message_id"] = record["message_id"]
-    reply = Message(
-        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
-    )
-    client = runtime_client(address, record["token"], certs)
-    try:
-        routing = Context(
-            run_id=int(record["run_id"]),
-            node_id=int(record["node_id"]),
-            node_config={},
-            state=RecordDict(),
-            run_config={},
-        )
-        push_message(client, reply, routing)
-        push_task_output(client, None, SubStatus.FAILED, reason)
-    except Exception:  # noqa: BLE001 - the token may be gone; it then expires
-        log.warning("could not fail the orphaned task:\n%s", traceback.format_exc())
-        return False
-    finally:
-        client.close()
-    return True
 
 
 def start(loop: TaskLoop) -> threading.Thread:

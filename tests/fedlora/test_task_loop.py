@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.client import supernode, task_loop
+from fedlora.client import supernode, task_loop, task_records
 from fedlora.client.worker_link import code_hash
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +71,7 @@ def test_message_kind(message_type: str, kind: str) -> None:
 
 
 def test_no_orphaned_task_means_nothing_to_fail(tmp_path: Path) -> None:
-    assert not task_loop.fail_orphaned_task(tmp_path, "127.0.0.1:1", "gone")
+    assert not task_records.fail_orphaned_task(tmp_path, "127.0.0.1:1", "gone")
 
 
 def test_quick_idle_shortens_both_waits_and_keeps_the_rest_of_time(

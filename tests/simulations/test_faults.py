@@ -4,7 +4,6 @@ with the others, and the restarted site rejoins later rounds."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_configs import metrics_rows
 
 from fedlora.config.flat import build_config
 from simulations.deployment import LocalDeployment
@@ -20,13 +20,6 @@ from strategies.config import ExperimentConfig
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _rows(run_dir: Path) -> list[dict[str, object]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def test_a_site_killed_mid_round_is_dropped_and_rejoins_after_restart(
@@ -71,7 +64,7 @@ def test_a_site_killed_mid_round_is_dropped_and_rejoins_after_restart(
                     break
                 time.sleep(0.1)
             while time.monotonic() < deadline:  # bring it back after round 1
-                if len(_rows(run_dir)) >= 2:
+                if len(metrics_rows(run_dir)) >= 2:
                     dep.restart_site(2, node_config.format(2), in_worker=True)
                     events.append("restarted")
                     return
@@ -84,7 +77,7 @@ def test_a_site_killed_mid_round_is_dropped_and_rejoins_after_restart(
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert not dep.leftovers()
     assert events == ["killed", "restarted"]
-    rows = _rows(run_dir)
+    rows = metrics_rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
     first = rows[1]
     assert first["clients"] == 2 and first["clients_sampled"] == 3

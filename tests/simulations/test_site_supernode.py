@@ -12,21 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_configs import deployed_job
+from tiny_configs import deployed_job, metrics_rows
 
 from fedlora.client import worker_link
-from fedlora.client.task_loop import TASK_GLOB
+from fedlora.client.task_records import TASK_GLOB
 from simulations.deployment import LocalDeployment
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def rows(run_dir: Path) -> list[dict[str, object]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def kill_worker_during_round(state_dir: Path, round_: int, timeout: float) -> int:
@@ -72,7 +65,7 @@ def test_site_worker_runs_the_tasks_loads_once_and_survives_a_kill(
         restarted = worker_link.ping(str(states[0]))
     assert not dep.leftovers()  # workers exit with their SuperNodes
     assert restarted is not None and restarted["pid"] != killed
-    got = rows(run_dir)
+    got = metrics_rows(run_dir)
     assert [r["round"] for r in got] == [0, 1, 2, 3, 4]
     # round 2 goes on without site 0, named with the reason; round 3 has it back
     assert [r["clients"] for r in got[1:]] == [2, 1, 2, 2]
