@@ -43,13 +43,18 @@ def train_message(state: dict[str, torch.Tensor], rnd: int) -> Message:
     return Message(_wire(content), dst_node_id=7, message_type="train")
 
 
-def context(node_config: dict[str, object], run_id: int = 1) -> Context:
+def context(
+    node_config: dict[str, object], run_id: int = 1, steps: int | None = None
+) -> Context:
+    run_config = flatten_config(CFG)
+    if steps is not None:
+        run_config["federation.local_steps"] = steps
     return Context(
         run_id=run_id,
         node_id=7,
         node_config={"partition-id": 0, "num-partitions": 2, **node_config},
         state=RecordDict(),
-        run_config=flatten_config(CFG),
+        run_config=run_config,
     )
 
 
@@ -103,10 +108,13 @@ def test_worker_serves_rounds_like_the_clientapp_itself(
 
         # killed mid-message: that message fails, the next one starts a new worker
         errors: list[BaseException] = []
+        # long enough that the worker is surely still busy when it is killed
+        # (3 steps take ~50 ms: a poll could miss them)
+        endless = context(dict(via.node_config), steps=100_000)
 
         def doomed() -> None:
             try:
-                client_app(train_message(initial, 4), via)
+                client_app(train_message(initial, 4), endless)
             except BaseException as err:  # noqa: BLE001 - inspected below
                 errors.append(err)
 
