@@ -20,7 +20,10 @@ takes every ``flower-supernode`` argument (the node-config must name a
   not 0.5 s; and it retries a message's arrays after 0.05 s, not 1 s. Each poll
   is a request the SuperLink authenticates and serves from its database, so the
   SuperLink's load grows with sites / poll: on one 2-core machine with 3 sites a
-  0.25 s poll slowed the server's own evaluation by 0.7 s a round against 1 s.
+  0.25 s poll slowed the server's own evaluation by 0.7 s a round against 1 s;
+- every message pulled is recorded in the state-dir until its reply is sent
+  (:func:`patch_inflight`): a site killed after a pull and restarted answers it
+  with an error, so the server does not wait out its round timeout.
 """
 
 from __future__ import annotations
@@ -93,6 +96,80 @@ def patch_fleet_poll(poll: float) -> None:
         original, initial_backoff=FIRST_OBJECT_RETRY, backoff_cap=1.0
     )
     setattr(sci, "pull_objects", quick)  # noqa: B010
+
+
+def patch_inflight(state_dir: Path) -> None:
+    """Record each message pulled until answered; answer a dead process's leftovers.
+
+    Wraps ``_pull_and_store_message`` and ``_push_messages`` of
+    ``flwr.supernode.start_client_internal`` (its loop calls both with keywords):
+    a message is recorded when ``receive`` returns it and forgotten once its
+    reply was handed to ``send`` (or the pull dropped it). The first pull of this
+    process first inserts error replies to the records a previous process left
+    (``task_records.leftover_replies``) the way Flower inserts its own FAB errors,
+    and the loop's push stage sends them. Idempotent.
+    """
+    from flwr.supernode import start_client_internal as sci
+
+    from fedlora.client import task_records
+
+    pull = sci._pull_and_store_message  # noqa: SLF001 - see the docstring
+    push = sci._push_messages  # noqa: SLF001
+    insert = sci._insert_message  # noqa: SLF001
+    if getattr(pull, "fedlora_inflight", False):
+        return
+    first = [True]
+
+    def pulling(*, state: Any, object_store: Any, receive: Any, **kw: Any) -> Any:
+        if first:
+            first.clear()
+            replies = task_records.leftover_replies(state_dir, state.get_node_id())
+            for asked, reply in replies:
+                # as if pulled and handled here (Flower's bookkeeping for a reply;
+                # the state is empty at the first pull, so only these are marked)
+                state.store_message(asked)
+                state.get_messages_legacy(is_reply=False)
+                state.record_message_processing_start(asked.metadata.message_id)
+                state.record_message_processing_end(asked.metadata.message_id)
+                insert(reply, state, object_store)
+            if replies:
+                log.warning(
+                    "answering %d message(s) the previous process of this site "
+                    "left unanswered with an error",
+                    len(replies),
+                )
+                return replies[0][1].metadata.run_id
+        pulled: list[str] = []
+
+        def recording() -> Any:
+            got = receive()
+            if got is not None:
+                task_records.record_pulled(state_dir, got[0])
+                pulled.append(got[0].metadata.message_id)
+            return got
+
+        run_id = pull(state=state, object_store=object_store, receive=recording, **kw)
+        if run_id is None:  # dropped (run over, objects lost): nothing to answer
+            for message_id in pulled:
+                task_records.forget_pulled(state_dir, message_id)
+        return run_id
+
+    def pushing(*, send: Any, **kw: Any) -> Any:
+        sent: list[str] = []
+
+        def sending(message: Any, *args: Any) -> Any:
+            sent.append(message.metadata.reply_to_message_id)
+            return send(message, *args)
+
+        try:
+            return push(send=sending, **kw)
+        finally:
+            for message_id in sent:
+                task_records.forget_pulled(state_dir, message_id)
+
+    pulling.fedlora_inflight = True  # type: ignore[attr-defined]
+    setattr(sci, "_pull_and_store_message", pulling)  # noqa: B010
+    setattr(sci, "_push_messages", pushing)  # noqa: B010
 
 
 def _flower_options() -> argparse.ArgumentParser:
@@ -198,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         daemon=True,
     ).start()
     patch_fleet_poll(args.fleet_poll)
+    patch_inflight(state_dir)
     if "--isolation" not in flower_args:
         flower_args += ["--isolation", "process"]
     from flwr.supernode.cli import flower_supernode

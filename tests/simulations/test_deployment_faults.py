@@ -1,7 +1,9 @@
 """Crashes on a real TLS deployment (127.0.0.1, real processes, sites started with
 the site command ``python -m fedlora.client.supernode``): the server killed
 mid-run resumes to the same adapter as an uninterrupted run; a DP site killed
-(SuperNode and worker) and restarted continues its privacy accountant."""
+(SuperNode and worker) while it holds a round's message and restarted at once
+answers that message with an error (the round goes on without it, no waiting
+for the round timeout) and continues its privacy accountant."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from safetensors.torch import load_file
 from tiny_configs import deployed_job
 
 from fedlora.client import worker_link
+from fedlora.client.task_records import PULLED_GLOB
 from simulations.deployment import LocalDeployment
 from strategies.server.checkpoint import STRATEGY_FILE
 
@@ -39,6 +42,20 @@ def wait_for(path: Path, timeout: float = 300.0) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.2)
+
+
+def wait_for_pulled(state_dir: Path, round_: int, timeout: float = 300.0) -> None:
+    """Return once the site holds (has pulled, not answered) a ``round_`` message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in state_dir.glob(PULLED_GLOB):
+            try:
+                if json.loads(path.read_text()).get("group_id") == str(round_):
+                    return
+            except (OSError, ValueError):
+                pass  # being written
+        time.sleep(0.02)
+    raise AssertionError(f"round {round_}'s message never reached {state_dir}")
 
 
 def _alive(pid: int, timeout: float = 10.0) -> bool:
@@ -99,6 +116,7 @@ def test_a_dp_site_killed_and_restarted_continues_its_accountant(
         "privacy.mode": "dp",
         "privacy.noise_multiplier": 1.0,
         "federation.rounds": 4,  # min_clients 2: a round waits for both sites
+        "federation.local_steps": 10,  # a round's message is held long enough
     }
     files, run_config = deployed_job(tmp_path, dp)
     run_dir = tmp_path / "run"
@@ -108,11 +126,25 @@ def test_a_dp_site_killed_and_restarted_continues_its_accountant(
         wait_for(run_dir / "checkpoints" / "round-001" / "state.json")
         status = worker_link.ping(str(tmp_path / "s0"))
         assert status is not None
+        # Flower delivers a message once: the restarted site must answer it
+        wait_for_pulled(tmp_path / "s0", 2)
         dep.kill_site(0)  # SIGKILL: the SuperNode and its worker
         assert not _alive(int(status["pid"]))
         dep.restart_site(0, site_config(files, tmp_path, 0), in_worker=True)
-        assert flwr_run.wait(timeout=600) == 0
+        assert flwr_run.wait(timeout=300) == 0  # the round timeout is 3600 s
     assert not dep.leftovers()
+    got = rows(run_dir)
+    assert [r["clients"] for r in got[1:]] == [2, 1, 2, 2]
+    # the SuperLink takes the site back only once it missed its heartbeats; the
+    # server then hears "Node Unavailable", or the restarted site's own error if
+    # the site came back before the server asked (that one hung for 3600 s)
+    (dropped,) = got[2]["dropped"]
+    reason = str(dropped["reason"])
+    assert "Node Unavailable" in reason or "stopped while handling" in reason
+    log = (tmp_path / "deploy" / "site-0.log").read_text()
+    assert "answering 1 message(s) the previous process" in log
+    assert "Cannot get processing duration" not in log
+    assert not list((tmp_path / "s0").glob(PULLED_GLOB))
     # every reply's report carries the site's cumulative DP steps: per site they
     # must read c, 2c, 3c, ... over the rounds it trained (a reset would restart)
     state = torch.load(
