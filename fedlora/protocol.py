@@ -80,6 +80,11 @@ STARTUP_SECONDS = "startup-seconds"
 HANDLER_SECONDS = "handler-seconds"
 WORKER_SECONDS = "worker-seconds"
 WORKER_MODEL_LOADS = "worker-model-loads"
+# Where a reply was computed (a ConfigRecord): the host, and the Ray node id when
+# the client ran as a Ray actor (a simulation; several nodes on a Ray cluster).
+PLACEMENT = "placement"
+PLACEMENT_HOST = "host"
+PLACEMENT_RAY_NODE = "ray-node"
 
 # SHE-LoRA: server -> client config keys (``SHE_LIST`` is a prefix + matrix name).
 SHE_K = "she-k"

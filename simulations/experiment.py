@@ -33,6 +33,15 @@ class LaunchConfig:
     gpus_per_client: float = field(
         default=0.0, metadata={"help": "GPU share per client (0.5 = two per GPU)."}
     )
+    ray_address: str = field(
+        default="",
+        metadata={
+            "help": "Run the clients on an existing Ray cluster: its address "
+            "(host:port of the head, as `ray start --head` prints, or 'auto' on a "
+            "cluster node); attached to, never started or stopped. Empty: a private "
+            "Ray instance on this machine for the run."
+        },
+    )
 
     verbose: bool = field(
         default=False,
@@ -46,6 +55,21 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         check_range("launcher.cpus_per_client", self.cpus_per_client, low=1)
         check_range("launcher.gpus_per_client", self.gpus_per_client, low=0)
+        check_ray_address(self.ray_address)
+
+
+def check_ray_address(address: str) -> None:
+    """Accept '', 'auto' or host:port (Ray's GCS address); else name the forms."""
+    host, _, port = address.rpartition(":")
+    plain = host and "/" not in host and port.isdigit() and 0 < int(port) < 65536
+    if address in ("", "auto") or plain:
+        return
+    raise ConfigError(
+        f"launcher.ray_address={address!r}: allowed are '' (a private Ray instance), "
+        "'auto' (the cluster this machine is part of) or host:port of the cluster's "
+        "head (e.g. 10.0.0.5:6379); Ray Client (ray://) is not supported: the "
+        "driver runs on a cluster node"
+    )
 
 
 def from_hydra(container: dict[str, Any]) -> tuple[ExperimentConfig, LaunchConfig]:

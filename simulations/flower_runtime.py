@@ -22,7 +22,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,13 +36,18 @@ from typing import Any
 
 import psutil
 
-from simulations.flwr_cli import file_tail, find_free_port, log_errors, run_status
+from simulations.flwr_cli import (
+    file_tail,
+    find_free_port,
+    flower_env,
+    log_errors,
+    run_status,
+)
 from simulations.processes import is_alive, marked_processes, terminate
 
 CONNECTION_NAME = "fedlora-local"
 MARKER_ENV = "FEDLORA_SIMULATION_ID"
 _RAY_TMPDIR_MAX_LEN = 32  # Ray adds ~68 chars for its plasma socket; limit is 107.
-_LEGACY_GRPC_ENV = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -69,6 +73,11 @@ class LocalSimulation:
         Sink for status messages and streamed run output (default ``print``).
     startup_timeout : float
         Seconds to wait for the SuperLink ``/health`` endpoint.
+    ray_address : str
+        Run the clients on this existing Ray cluster (``host:port`` of its head,
+        or ``auto``), passed to Ray as ``RAY_ADDRESS``: the simulation's driver
+        attaches to it, and no Ray process is started, or stopped, here. Empty: a
+        private Ray instance per run, stopped with it.
     """
 
     def __init__(
@@ -78,6 +87,7 @@ class LocalSimulation:
         env: Mapping[str, str] | None = None,
         log: Callable[[str], Any] = print,
         startup_timeout: float = 60.0,
+        ray_address: str = "",
     ) -> None:
         self.work_dir = Path(work_dir).resolve()
         self.flwr_home = self.work_dir / "flwr_home"
@@ -85,6 +95,7 @@ class LocalSimulation:
         self.superlink_stdout = self.work_dir / "superlink.stdout.log"
         self.port = 0
         self.ray_tmpdir: Path | None = None
+        self.ray_address = ray_address
         self._extra_env = dict(env or {})
         self._log = log
         self._startup_timeout = startup_timeout
@@ -132,7 +143,9 @@ class LocalSimulation:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.work_dir / "mpl").mkdir(exist_ok=True)
         ray_dir = self.work_dir / "ray"
-        if len(str(ray_dir)) <= _RAY_TMPDIR_MAX_LEN:
+        if self.ray_address:
+            pass  # the cluster's own temp dirs; nothing of Ray's is ours
+        elif len(str(ray_dir)) <= _RAY_TMPDIR_MAX_LEN:
             ray_dir.mkdir(exist_ok=True)
             self.ray_tmpdir = ray_dir
         else:
@@ -141,30 +154,14 @@ class LocalSimulation:
 
     def _build_env(self) -> dict[str, str]:
         """Return the environment shared by every process we start."""
-        env = {k: v for k, v in os.environ.items() if k not in _LEGACY_GRPC_ENV}
-        env.update(self._extra_env)
-        no_proxy = ",".join(filter(None, [env.get("NO_PROXY"), "127.0.0.1,localhost"]))
-        bin_dir = str(Path(sys.executable).parent)  # flower-superexec, flwr-simulation
-        env.update(
-            {
-                "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]),
-                "FLWR_HOME": str(self.flwr_home),
-                "RAY_TMPDIR": str(self.ray_tmpdir),
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "MPLCONFIGDIR": str(self.work_dir / "mpl"),
-                "HF_HUB_OFFLINE": "1",
-                "RAY_USAGE_STATS_ENABLED": "0",
-                "PYTHONUNBUFFERED": "1",
-                "NO_PROXY": no_proxy,
-                "no_proxy": no_proxy,
-                MARKER_ENV: self._sim_id,
-            }
+        return flower_env(
+            extra=self._extra_env,
+            flwr_home=self.flwr_home,
+            work_dir=self.work_dir,
+            ray_address=self.ray_address,
+            ray_tmpdir=self.ray_tmpdir,
+            marker=(MARKER_ENV, self._sim_id),
         )
-        # OpenMP threads sleep instead of spinning: with another process on a core,
-        # the ServerApp's 2-thread evaluation took 10-21 s instead of 2-3.5 s.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        return env
 
     def _popen_kw(self) -> dict[str, Any]:
         """Popen options for our processes: own session, so Ctrl-C reaches us only."""

@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import statistics
+import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,6 +109,32 @@ def to_markdown(table: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _overrides(setting: str) -> list[str]:
+    """Split Hydra's ``override_dirname`` into its overrides.
+
+    Only commas outside brackets separate: ``a=1,b=[2,4]`` -> ``a=1``, ``b=[2,4]``.
+    """
+    items, depth, current = [], 0, ""
+    for char in setting:
+        depth += {"[": 1, "(": 1, "{": 1, "]": -1, ")": -1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    return [*items, current] if current else items
+
+
+def split_settings(settings: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Return the overrides all jobs share, and per job the ones that differ.
+
+    A sweep's folders repeat every override; a legend needs only the differences.
+    """
+    parts = [_overrides(s) for s in settings]
+    common = [o for o in parts[0] if all(o in p for p in parts[1:])] if parts else []
+    return common, [", ".join(o for o in p if o not in common) for p in parts]
+
+
 def plot(jobs: Sequence[Job], path: Path) -> None:
     """Held-out metric per round, one line per job."""
     import matplotlib
@@ -121,12 +148,15 @@ def plot(jobs: Sequence[Job], path: Path) -> None:
         else "eval_perplexity"
     )
     fig, ax = plt.subplots(figsize=(7, 4))
-    for job in jobs:
+    common, labels = split_settings([job.setting for job in jobs])
+    for job, label in zip(jobs, labels, strict=True):
         xs = [r["round"] for r in job.rows if r.get(key) is not None]
         ys = [r[key] for r in job.rows if r.get(key) is not None]
-        ax.plot(xs, ys, marker="o", label=f"{job.setting} seed={job.seed}")
+        ax.plot(xs, ys, marker="o", label=f"{label} seed={job.seed}".strip())
     ax.set_xlabel("round")
     ax.set_ylabel(key.replace("_", " "))
+    if common:  # what every job shares, once, above the plot
+        ax.set_title(textwrap.fill(", ".join(common), 110), fontsize=6)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

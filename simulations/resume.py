@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from fedlora.config.flat import ConfigError
-from simulations.experiment import PROJECT_ROOT, write_run_config
+from simulations.experiment import PROJECT_ROOT, check_ray_address, write_run_config
 from simulations.flower_runtime import LocalSimulation
 from strategies.config import ExperimentConfig
 from strategies.server.checkpoint import flatten_dict, latest_checkpoint
@@ -46,9 +46,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--gpus-per-client", type=float, default=0.0)
+    parser.add_argument(
+        "--ray-address",
+        default="",
+        help="attach to this Ray cluster (host:port or auto), as launcher.ray_address",
+    )
     args = parser.parse_args(argv)
     run_dir = args.run_dir.expanduser().resolve()
     try:
+        check_ray_address(args.ray_address)
         cfg = resumed_config(run_dir)
     except ConfigError as err:
         print(f"fedlora: cannot resume: {err}", file=sys.stderr)
@@ -58,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     attempt = 1 + len(list(run_dir.glob("flwr-resume-*")))
     run_config = run_dir / f"run_config-resume-{attempt}.toml"
     write_run_config(dataclasses.replace(cfg, resume=True), run_config)
-    with LocalSimulation(work_dir=run_dir / f"flwr-resume-{attempt}") as sim:
+    work_dir = run_dir / f"flwr-resume-{attempt}"
+    with LocalSimulation(work_dir=work_dir, ray_address=args.ray_address) as sim:
         sim.run(
             PROJECT_ROOT,
             run_config=run_config,

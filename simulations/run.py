@@ -89,7 +89,9 @@ def main(cfg: DictConfig) -> None:
     write_run_config(experiment, run_config)
     # 4. launch on a private SuperLink; all its processes stop on exit
     console = Console(verbose=launch.verbose)
-    with LocalSimulation(work_dir=job_dir / "flwr", log=console) as sim:
+    with LocalSimulation(
+        work_dir=job_dir / "flwr", log=console, ray_address=launch.ray_address
+    ) as sim:
         sim.run(
             PROJECT_ROOT,
             run_config=run_config,

@@ -38,6 +38,8 @@ class RoundStats:
     bytes_up: int = 0
     train_loss: float | None = None
     client_train_seconds: list[float] = field(default_factory=list)
+    # partition id -> where its reply was computed (``client_nodes``)
+    placement: dict[str, str] = field(default_factory=dict)
     # privacy=dp: nodes whose budget is spent, and each replying client's report
     exhausted: list[int] = field(default_factory=list)
     privacy: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -104,6 +106,25 @@ def client_times(metrics: list[MetricRecord]) -> dict[str, float]:
             metric(m, proto.WORKER_MODEL_LOADS, 0.0) for m in metrics
         ),
     }
+
+
+def client_nodes(replies: list[Message]) -> dict[str, str]:
+    """Partition id -> the Ray node (first 12 hex digits) or host that ran it.
+
+    From each reply's ``placement`` record (``fedlora.client.app.placement``):
+    on a Ray cluster this shows which node trained which client.
+    """
+    nodes = {}
+    for reply in replies:
+        where = reply.content.config_records.get(proto.PLACEMENT)
+        metrics = reply.content.metric_records.get(proto.METRICS)
+        if where is None or metrics is None or proto.PARTITION_ID not in metrics:
+            continue
+        ray_node = str(where.get(proto.PLACEMENT_RAY_NODE, ""))
+        nodes[str(int(metric(metrics, proto.PARTITION_ID)))] = ray_node[:12] or str(
+            where.get(proto.PLACEMENT_HOST, "")
+        )
+    return dict(sorted(nodes.items(), key=lambda kv: int(kv[0])))
 
 
 class FedAvgLora(FedAvg):
@@ -344,6 +365,7 @@ class FedAvgLora(FedAvg):
         stats.accepted = len(good)
         metrics = [m.content.metric_records[proto.METRICS] for m in good]
         stats.extra.update(client_times(metrics))  # also when too few to apply
+        stats.placement = client_nodes(good)
         if len(good) < max(1, self.min_train_nodes):
             log(
                 WARNING,

@@ -221,6 +221,8 @@ def test_dp_study_sweep_is_the_grid_and_every_job_validates() -> None:
         ),
         (["strategy=she_lora"], "set federation.fraction_evaluate"),
         (["strategy=hetlora", "adapter=ffa"], "Use adapter=lora"),
+        (["launcher.ray_address=head-node"], "launcher.ray_address='head-node'"),
+        (["launcher.ray_address=ray://h:10001"], "host:port of the cluster's head"),
     ],
 )
 def test_bad_values_fail_before_anything_loads(
@@ -230,6 +232,12 @@ def test_bad_values_fail_before_anything_loads(
         ConfigError, match=needle.replace(".", r"\.").replace("+", r"\+")
     ):
         from_hydra(_compose(overrides))
+
+
+@pytest.mark.parametrize("address", ["", "auto", "10.0.0.5:6379", "head.lan:6380"])
+def test_ray_addresses_that_are_accepted(address: str) -> None:
+    _, launch = from_hydra(_compose([f"launcher.ray_address='{address}'"]))
+    assert launch.ray_address == address
 
 
 def test_unknown_group_option_lists_the_available_ones() -> None:

@@ -10,16 +10,19 @@ started on demand) and returns its reply, without importing torch.
 Every train and evaluate reply gains timing metrics (``fedlora.protocol``):
 ``startup-seconds`` (process start to this handler, on a process's first message
 only, else 0), ``handler-seconds`` (the handler, model and data loading included)
-and, through the worker, ``worker-seconds`` and ``worker-model-loads``.
+and, through the worker, ``worker-seconds`` and ``worker-model-loads``; and a
+``placement`` record: the host and, in a Ray actor, the Ray node that ran it.
 """
 
 from __future__ import annotations
 
+import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import packing
@@ -77,13 +80,29 @@ def with_worker_metrics(content: RecordDict, head: dict[str, Any]) -> RecordDict
     return content
 
 
+def placement() -> ConfigRecord:
+    """Where this process runs: its host and, in a Ray actor, the Ray node id.
+
+    Ray is only asked when this process already imported it (a simulation's
+    actor); a deployed site never imports it for this.
+    """
+    ray_node = ""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray_node = str(ray.get_runtime_context().get_node_id())
+    return ConfigRecord(
+        {proto.PLACEMENT_HOST: socket.gethostname(), proto.PLACEMENT_RAY_NODE: ray_node}
+    )
+
+
 def with_timings(kind: str, reply: Message, startup: float, seconds: float) -> Message:
-    """Add ``startup-seconds`` and ``handler-seconds`` to a train/evaluate reply."""
+    """Add timings (``startup-seconds``, ``handler-seconds``) and the placement."""
     if kind != "query" and reply.has_content():
         metrics = reply.content.metric_records.get(proto.METRICS, MetricRecord())
         metrics[proto.STARTUP_SECONDS] = startup
         metrics[proto.HANDLER_SECONDS] = seconds
         reply.content[proto.METRICS] = metrics
+        reply.content[proto.PLACEMENT] = placement()
     return reply
 
 

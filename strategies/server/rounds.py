@@ -198,6 +198,7 @@ def run_federation(
             "clients_sampled": stats.sampled,
             "clients_dropped": len(stats.dropped),
             "dropped": [{"node": n, "reason": r} for n, r in stats.dropped],
+            "client_nodes": stats.placement,
             "bytes_up": stats.bytes_up,
             "bytes_down": stats.bytes_down,
             "train_phase_seconds": train_end - start,

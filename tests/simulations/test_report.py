@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.report import find_jobs, summarize, write_report
+from simulations.report import find_jobs, split_settings, summarize, write_report
 
 
 def _job(root: Path, setting: str, seed: int, accs: list[float]) -> None:
@@ -58,3 +58,14 @@ def test_report_groups_seeds_and_writes_table_and_plot(tmp_path: Path) -> None:
 def test_report_on_an_empty_directory_says_so(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="No finished jobs"):
         write_report(tmp_path)
+
+
+def test_the_legend_names_only_what_differs_between_jobs() -> None:
+    settings = [
+        "federation.client_ranks=[2,4],model=tiny_llama,seed_group=a",
+        "federation.client_ranks=[2,8],model=tiny_llama,seed_group=a",
+    ]
+    common, labels = split_settings(settings)
+    assert common == ["model=tiny_llama", "seed_group=a"]
+    assert labels == ["federation.client_ranks=[2,4]", "federation.client_ranks=[2,8]"]
+    assert split_settings(["a=1,b=2", "a=1,b=2"]) == (["a=1", "b=2"], ["", ""])

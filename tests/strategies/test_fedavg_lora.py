@@ -183,3 +183,26 @@ def test_a_client_with_a_spent_budget_is_skipped_not_dropped() -> None:
     assert stats.exhausted == [21] and not stats.dropped
     assert stats.epsilon == pytest.approx(2.9)
     assert strategy.privacy_summary()["partition-3"]["dp-steps"] == 30
+
+
+def test_the_round_records_which_node_computed_each_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``client_nodes``: the placement record the ClientApp adds to each reply."""
+    import socket
+
+    from fedlora.client.app import with_timings
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "site-a")
+    replies = []
+    for node, (partition, ray_node) in enumerate([(3, "ab" * 28), (1, ""), (2, "")]):
+        reply = _good(node + 1, node, 10)
+        reply.content["metrics"]["partition-id"] = partition
+        with_timings("train", reply, 0.0, 1.0)  # as the ClientApp does
+        if ray_node:  # as in a Ray actor: the node id, not the host
+            reply.content["placement"]["ray-node"] = ray_node
+        replies.append(reply)
+    replies.append(_good(9, 9, 10))  # an older client without a placement record
+    strategy = _strategy()
+    strategy.aggregate_train(1, replies)
+    assert strategy.stats[1].placement == {"1": "site-a", "2": "site-a", "3": "ab" * 6}
