@@ -42,6 +42,7 @@ from simulations.flwr_cli import (
     flower_env,
     log_errors,
     run_status,
+    stage_app,
 )
 from simulations.processes import is_alive, marked_processes, terminate
 
@@ -274,7 +275,9 @@ class LocalSimulation:
             f"num-supernodes={int(num_supernodes)} client-resources-num-cpus="
             f"{int(cpus_per_client)} client-resources-num-gpus={float(gpus_per_client)}"
         )
-        cmd = [self._exe("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION_NAME]
+        # a copy of the app's FAB files: Flower would walk the in-repo .venv
+        staged = stage_app(Path(app_dir), self.work_dir / "app")
+        cmd = [self._exe("flwr"), "run", str(staged), CONNECTION_NAME]
         cmd += ["--run-config", str(run_config), "--federation-config", fed, "--stream"]
         offset = self.superlink_log.stat().st_size if self.superlink_log.exists() else 0
         try:

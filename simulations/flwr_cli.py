@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 _LEGACY_GRPC_ENV = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
 
@@ -122,3 +123,60 @@ def file_tail(path: Path, lines: int = 30) -> str:
         return ""
     text = path.read_text(encoding="utf-8", errors="replace")
     return "\n".join(text.splitlines()[-lines:])
+
+
+def publishable_files(app_dir: Path) -> dict[str, Path]:
+    """Return the files ``flwr run <app_dir>`` puts in its FAB, quickly.
+
+    Flower 1.41 (``flwr.cli.utils.collect_files``) lists every file under the app
+    directory before it filters them, ``.venv`` included: with the venv the README
+    creates inside the checkout that is ~60,000 files and ~6 s per ``flwr run``.
+    Here a directory is skipped when Flower's publish rules or the app's
+    ``.gitignore`` exclude everything in it; Flower's own filter then decides, so
+    the FAB is the same (a test compares it with Flower's build of the checkout).
+    """
+    from flwr.cli.utils import (
+        build_pathspec,
+        filter_paths_for_publish,
+        load_gitignore_patterns,
+    )
+    from flwr.supercore.constant import APP_PUBLISH_EXCLUDE_PATTERNS
+
+    root = app_dir.resolve()
+    ignore = root / ".gitignore"
+    patterns = load_gitignore_patterns(ignore.read_bytes() if ignore.is_file() else b"")
+    skip = [build_pathspec(patterns), build_pathspec(APP_PUBLISH_EXCLUDE_PATTERNS)]
+    files: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        rel = here.relative_to(root).as_posix()
+        prefix = "" if rel == "." else f"{rel}/"
+        probe = "__fedlora_probe__"  # a file name no pattern names on its own
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if not (here / d).is_symlink()
+            and not any(spec.match_file(f"{prefix}{d}/{probe}") for spec in skip)
+        ]
+        for name in filenames:
+            path = here / name
+            if not path.is_symlink() and path.resolve().is_relative_to(root):
+                files[f"{prefix}{name}"] = path
+    return cast(dict[str, Path], filter_paths_for_publish(files))
+
+
+def stage_app(app_dir: Path, dest: Path) -> Path:
+    """Copy the app's publishable files to ``dest`` (emptied first); return it.
+
+    ``flwr run dest`` then builds the same FAB as ``flwr run app_dir``, in
+    milliseconds instead of seconds (:func:`publishable_files`).
+    """
+    import shutil
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    for rel, src in publishable_files(app_dir).items():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    return dest

@@ -76,3 +76,30 @@ def test_run_outside_with_block_is_refused(tmp_path: Path) -> None:
     sim = LocalSimulation(work_dir=tmp_path / "sim")
     with pytest.raises(RuntimeError, match="not running"):
         sim.run(TOYAPP, run_config=tmp_path / "x.toml", num_supernodes=2)
+
+
+def test_the_staged_app_is_the_fab_flwr_run_builds_from_the_checkout(
+    tmp_path: Path,
+) -> None:
+    """``flwr run`` of the staged copy ships exactly what ``flwr run .`` would."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from simulations.flwr_cli import stage_app
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "stale.py").write_text("")  # of an earlier run: removed
+    staged = stage_app(root, tmp_path / "app")
+    assert staged == tmp_path / "app"
+
+    def contents(fab: bytes) -> dict[str, bytes]:
+        with zipfile.ZipFile(io.BytesIO(fab)) as z:
+            return {n: z.read(n) for n in z.namelist() if not n.startswith(".info")}
+
+    want = contents(build_fab_from_disk(root))
+    got = contents(build_fab_from_disk(staged))
+    assert got == want
+    assert "fedlora/client/app.py" in got and not any(".venv" in n for n in got)
