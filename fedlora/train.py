@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from fedlora.config import ClientConfig, TrainConfig
+from fedlora.lm_loss import lm_loss, lm_loss_sum
 from fedlora.lora.state import factor_of
 from fedlora.lora.variants import VARIANTS
 
@@ -267,7 +268,9 @@ def batch_loss(model: nn.Module, batch: Batch, offsets: Tensor | None) -> Tensor
     classification logits ``(B, C)``; the model itself is left unchanged.
     """
     if offsets is None:
-        loss: Tensor = model(**batch).loss
+        # causal LM: the same loss without a (B, L, V) logits tensor (lm_loss)
+        fast = lm_loss(model, batch)
+        loss: Tensor = model(**batch).loss if fast is None else fast
         return loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits.float()  # (B, C)
@@ -293,6 +296,10 @@ def evaluate(
             dataset[i] for i in range(start, min(n, start + batch_size))
         ]
         batch = to_device(collate(list(items)), device)
+        if task != "classification" and (fast := lm_loss_sum(model, batch)):
+            total_loss += float(fast[0])  # without the (B, L, V) logits (lm_loss)
+            units += fast[1]
+            continue
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         if task == "classification":
