@@ -110,11 +110,13 @@ def _stamp_when(path: Path, stamps: dict[str, float], key: str) -> None:
         stamps[key] = time.monotonic()
 
 
-def one_run(checkout: Path, run_dir: Path) -> dict[str, Any]:
-    """Launch the job from ``checkout``; return its seconds and peak memory."""
+def one_run(
+    checkout: Path, run_dir: Path, job: tuple[str, ...] = JOB
+) -> dict[str, Any]:
+    """Launch ``job`` from ``checkout``; return its seconds and peak memory."""
     marker = uuid.uuid4().hex
     env = dict(os.environ, HF_HUB_OFFLINE="1", **{MARKER_ENV: marker})
-    cmd = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", *JOB]
+    cmd = [sys.executable, "-m", "simulations.run", f"hydra.run.dir={run_dir}", *job]
     memory = TreeMemory(marker)
     sampler = threading.Thread(target=memory.run, daemon=True)
     stamps: dict[str, float] = {}
@@ -136,14 +138,14 @@ def one_run(checkout: Path, run_dir: Path) -> dict[str, Any]:
     memory.stop()
     sampler.join()
     _, err = proc.communicate()
-    if proc.returncode != 0 or len(rows_seen) < 4:
+    if proc.returncode != 0 or len(rows_seen) < 3:
         raise RuntimeError(f"run failed ({proc.returncode}):\n{err.decode()[-3000:]}")
     marks = [
         ("launcher", stamps["config_written"]),
         ("to_server_app", stamps["server_app"]),
         ("to_round_0", rows_seen[0]),
         ("round_1", rows_seen[1]),
-        ("rounds_2_on", rows_seen[-1]),
+        ("rounds_2_on", rows_seen[-1]),  # 0 s for a 1-round job
         ("teardown", end),
     ]
     seconds, before = {}, start
@@ -153,6 +155,12 @@ def one_run(checkout: Path, run_dir: Path) -> dict[str, Any]:
     seconds["total"] = round(end - start, 2)
     return {
         "seconds": seconds,
+        "round_seconds": [
+            round(r["seconds"], 2)
+            for r in map(
+                json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()
+            )
+        ],
         "peak_rss_mib": round(memory.peak_bytes / 2**20),
         "processes_at_peak": memory.peak_count,
         "rss_mib_by_group_at_peak": memory.peak_groups,
