@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
@@ -148,7 +150,8 @@ def publishable_files(app_dir: Path) -> dict[str, Path]:
     root = app_dir.resolve()
     ignore = root / ".gitignore"
     patterns = load_gitignore_patterns(ignore.read_bytes() if ignore.is_file() else b"")
-    skip = [build_pathspec(patterns), build_pathspec(APP_PUBLISH_EXCLUDE_PATTERNS)]
+    with _flower_pathspec_quiet():
+        skip = [build_pathspec(patterns), build_pathspec(APP_PUBLISH_EXCLUDE_PATTERNS)]
     files: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         here = Path(dirpath)
@@ -165,7 +168,23 @@ def publishable_files(app_dir: Path) -> dict[str, Path]:
             path = here / name
             if not path.is_symlink() and path.resolve().is_relative_to(root):
                 files[f"{prefix}{name}"] = path
-    return cast(dict[str, Path], filter_paths_for_publish(files))
+    with _flower_pathspec_quiet():
+        return cast(dict[str, Path], filter_paths_for_publish(files))
+
+
+@contextmanager
+def _flower_pathspec_quiet() -> Iterator[None]:
+    """Silence one deprecation inside Flower 1.41's ``build_pathspec``.
+
+    Flower asks pathspec for its old pattern name 'gitwildmatch', and pathspec
+    warns on every call. The ``flwr`` CLI hits the same warning, which Python
+    hides there; run in-process, it repeats. Only this message is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="GitWildMatchPattern", category=DeprecationWarning
+        )
+        yield
 
 
 def stage_app(app_dir: Path, dest: Path) -> Path:

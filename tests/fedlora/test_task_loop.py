@@ -28,7 +28,14 @@ def _fab_of_repo() -> bytes:
 
 @pytest.fixture(scope="module")
 def repo_fab() -> bytes:
-    return _fab_of_repo()
+    # Flower's builder asks pathspec for a deprecated pattern name, once per line
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="GitWildMatchPattern", category=DeprecationWarning
+        )
+        return _fab_of_repo()
 
 
 def test_the_fab_flwr_run_ships_has_the_worker_s_code_hash(repo_fab: bytes) -> None:

@@ -78,6 +78,8 @@ def test_run_outside_with_block_is_refused(tmp_path: Path) -> None:
         sim.run(TOYAPP, run_config=tmp_path / "x.toml", num_supernodes=2)
 
 
+# Flower's own builder asks pathspec for a deprecated pattern name, once per line
+@pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")
 def test_the_staged_app_is_the_fab_flwr_run_builds_from_the_checkout(
     tmp_path: Path,
 ) -> None:
