@@ -42,6 +42,7 @@ from typing import Any
 
 from benchmarks.cpu_sampler import MARKER_ENV, _category
 from benchmarks.output import write_result
+from simulations.processes import marked_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = (
@@ -75,17 +76,9 @@ class TreeMemory:
         some of its agents with an environment of their own)."""
         import psutil
 
-        ours: dict[int, psutil.Process] = {}
-        for proc in psutil.process_iter(["environ"]):
-            if (proc.info["environ"] or {}).get(MARKER_ENV) == self.marker:
-                ours[proc.pid] = proc
-        for proc in list(ours.values()):
-            try:
-                ours.update({c.pid: c for c in proc.children(recursive=True)})
-            except psutil.Error:
-                pass
+        ours = marked_processes(MARKER_ENV, self.marker, descendants=True)
         total, count, groups = 0, 0, dict[str, int]()
-        for proc in ours.values():
+        for proc in ours:
             try:
                 rss = int(proc.memory_info().rss)
                 group = _category(" ".join(proc.cmdline()), ours=True)

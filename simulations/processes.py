@@ -47,12 +47,17 @@ def terminate(
 
 
 def marked_processes(
-    env_key: str, value: str, *, cmdline_part: str | None = None
+    env_key: str,
+    value: str,
+    *,
+    cmdline_part: str | None = None,
+    descendants: bool = False,
 ) -> list[psutil.Process]:
     """Return live processes marked by ``env_key=value`` in their environment.
 
-    A process whose command line contains ``cmdline_part`` also counts; this
-    process is never included.
+    A process whose command line contains ``cmdline_part`` also counts, and with
+    ``descendants`` so does every child of a found one (Ray starts its agents
+    with an environment of their own); this process is never included.
     """
     found = []
     for proc in psutil.process_iter(["cmdline", "environ"], ad_value=None):
@@ -63,6 +68,17 @@ def marked_processes(
         if env.get(env_key) == value or (cmdline_part and cmdline_part in cmdline):
             if is_alive(proc):
                 found.append(proc)
+    if descendants:
+        pids = {p.pid for p in found}
+        for proc in list(found):
+            try:
+                children = proc.children(recursive=True)
+            except psutil.Error:
+                continue
+            for child in children:
+                if child.pid not in pids and child.pid != os.getpid():
+                    pids.add(child.pid)
+                    found.append(child)
     return found
 
 

@@ -31,8 +31,9 @@ from fedlora.lora.state import (
     matrix_names,
 )
 from strategies.aggregation import weighted_mean
+from strategies.client_reports import metric
 from strategies.config import ExperimentConfig
-from strategies.fedavg_lora import FedAvgLora, metric
+from strategies.fedavg_lora import FedAvgLora
 from strategies.server.exchange import send_and_receive
 from strategies.validation import reply_problem
 

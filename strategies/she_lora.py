@@ -51,8 +51,9 @@ from fedlora.she.columns import Selection, negotiate, unswap_columns
 from fedlora.she.keys import context_id, load_public_context
 from fedlora.she.packing import add_ciphertexts, num_chunks, ordered_chunks
 from strategies.aggregation import normalise_weights, weighted_mean
+from strategies.client_reports import metric
 from strategies.config import ExperimentConfig
-from strategies.fedavg_lora import RoundStats, metric
+from strategies.fedavg_lora import RoundStats
 from strategies.rank_aware import (
     HeteroRankLora,
     head_keys,

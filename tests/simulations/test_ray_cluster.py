@@ -78,13 +78,7 @@ class LocalRayCluster:
     def processes(self) -> list[psutil.Process]:
         """The cluster's processes: marked, and their descendants (Ray's agents
         are started with an environment of their own)."""
-        found = {p.pid: p for p in marked_processes(MARKER, self.marker)}
-        for proc in list(found.values()):
-            try:
-                found.update({c.pid: c for c in proc.children(recursive=True)})
-            except psutil.Error:
-                pass
-        return list(found.values())
+        return marked_processes(MARKER, self.marker, descendants=True)
 
     def stop(self) -> None:
         for _ in range(3):
