@@ -14,8 +14,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.lora.state import num_params
 from strategies.config import ExperimentConfig
 from strategies.registry import build_strategy
+from strategies.server.evaluator import EVAL_FIELDS, server_model
 from strategies.server.plots import plot_run
-from strategies.server.rounds import EVAL_FIELDS, CentralEvaluator, run_federation
+from strategies.server.rounds import run_federation
 from strategies.server.rundir import RunDir, config_dict, versions
 from strategies.server.table import format_table, run_columns
 
@@ -40,7 +41,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.write_config(cfg)
     log(INFO, "fedlora: writing the run directory to %s", run_dir.root)
     strategy = build_strategy(cfg)
-    evaluator = CentralEvaluator(cfg)
+    evaluator = server_model(cfg, strategy.server_can_evaluate)
     header_printed = [False]
     columns = run_columns(
         cfg.data.task, cfg.privacy.mode == "dp", cfg.train.eval_generate > 0

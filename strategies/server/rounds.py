@@ -18,86 +18,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedlora import protocol as proto
-from fedlora.cache import collator, heldout_dataset, model_bundle
-from fedlora.fingerprint import base_fingerprint
-from fedlora.generation import with_generation
-from fedlora.lora.residual import Residual, set_residual, write_residual_adapter
-from fedlora.lora.state import StateDict, from_record, load_adapter_state, to_record
-from fedlora.train import EvalResult, evaluate
+from fedlora.lora.state import StateDict, from_record, to_record
 from strategies.config import ExperimentConfig
 from strategies.fedavg_lora import FedAvgLora
 from strategies.server.checkpoint import resume_point, save_checkpoint
+from strategies.server.evaluator import ServerModel, eval_fields
 from strategies.server.exchange import send_and_receive
 from strategies.server.rundir import RunDir
-
-
-class CentralEvaluator:
-    """Evaluates global adapters on the held-out split and saves them as PEFT dirs.
-
-    With an empty held-out split (``data.test_fraction=0``) there is no central
-    evaluation: ``has_data`` is False and the ``eval_*`` fields stay empty.
-    """
-
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg = cfg
-        self.bundle = model_bundle(cfg)
-        self.data = heldout_dataset(cfg)
-        self.collate = collator(cfg)
-        self.fingerprint = base_fingerprint(self.bundle.model)
-
-    @property
-    def has_data(self) -> bool:
-        """Whether there is a held-out split to evaluate on."""
-        return len(self.data) > 0
-
-    def fields(
-        self, state: StateDict, residual: Residual | None = None
-    ) -> dict[str, Any]:
-        """``eval_*`` fields of a metrics row (None without held-out data)."""
-        if not self.has_data:
-            return _eval_fields(None)
-        return _eval_fields(self(state, residual))
-
-    def config(self) -> ConfigRecord:
-        """Per-round message config: the base model's fingerprint for the sites."""
-        return ConfigRecord({proto.BASE_FINGERPRINT: self.fingerprint})
-
-    def initial_state(self) -> StateDict:
-        """Return the freshly initialised adapter (A random from the seed, B zero)."""
-        from fedlora.lora.state import adapter_state
-
-        return adapter_state(self.bundle.model)
-
-    def __call__(
-        self, state: StateDict, residual: Residual | None = None
-    ) -> EvalResult:
-        """Load ``state`` (+ FLoRA residual) and evaluate on the held-out split."""
-        set_residual(self.bundle.model, residual or {})
-        load_adapter_state(self.bundle.model, state)
-        result = evaluate(
-            self.bundle.model,
-            self.data,
-            self.collate,
-            task=self.cfg.data.task,
-            batch_size=self.cfg.train.eval_batch_size,
-            device=self.bundle.device,
-        )
-        return with_generation(
-            result, self.bundle.model, self.data, self.cfg, self.bundle.device
-        )
-
-    def save(
-        self, state: StateDict, path: Any, residual: Residual | None = None
-    ) -> None:
-        """Write ``state`` as a standard PEFT adapter directory.
-
-        With a FLoRA residual the saved LoRA is the residual itself (the adapter
-        is the restarted one, B = 0), loadable with ``PeftModel.from_pretrained``.
-        """
-        load_adapter_state(self.bundle.model, state)
-        self.bundle.model.save_pretrained(str(path))
-        if residual:
-            write_residual_adapter(path, residual)
 
 
 @dataclass
@@ -108,28 +35,11 @@ class FederationResult:
     rows: list[dict[str, Any]]
 
 
-EVAL_FIELDS = (
-    "eval_loss", "eval_accuracy", "eval_perplexity", "eval_exact_match", "eval_rouge_l"
-)  # fmt: skip
-
-
-def _eval_fields(result: EvalResult | None) -> dict[str, Any]:
-    if result is None:
-        return dict.fromkeys(EVAL_FIELDS)
-    return {
-        "eval_loss": result.loss,
-        "eval_accuracy": result.accuracy,
-        "eval_perplexity": result.perplexity,
-        "eval_exact_match": result.exact_match,
-        "eval_rouge_l": result.rouge_l,
-    }
-
-
 def run_federation(
     grid: Grid,
     cfg: ExperimentConfig,
     strategy: FedAvgLora,
-    evaluator: CentralEvaluator,
+    evaluator: ServerModel,
     run_dir: RunDir,
     *,
     on_row: Callable[[dict[str, Any]], None] = lambda row: None,
@@ -181,7 +91,7 @@ def run_federation(
             central = evaluator.fields(state, residual)
             evaluator.save(state, run_dir.checkpoint_dir(rnd), residual)
         else:  # only key holders can rebuild the model: federated evaluation only
-            central = _eval_fields(None)
+            central = eval_fields(None)
             run_dir.checkpoint_dir(rnd).mkdir(parents=True, exist_ok=True)
         eval_seconds = time.perf_counter() - eval_start
         save_checkpoint(run_dir, rnd, state, strategy)

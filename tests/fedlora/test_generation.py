@@ -26,7 +26,7 @@ from fedlora.generation import (
 )
 from fedlora.lora.state import adapter_state, to_record
 from fedlora.models import load_tokenizer
-from strategies.server.rounds import CentralEvaluator
+from strategies.server.evaluator import CentralEvaluator
 
 GEN = {"train.eval_generate": 6, "train.max_new_tokens": 5, "train.eval_batch_size": 4}
 CFG = tiny_config("causal_lm", {"data.num_examples": 200, **GEN})

@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from fedlora.cache import collator, heldout_dataset
 from fedlora.config.flat import build_config
@@ -238,4 +239,11 @@ def test_a_run_without_held_out_data_trains_and_saves_the_adapter(
     assert (run_dir / "adapter" / "adapter_config.json").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final"]["eval_loss"] is None
+    # the ServerApp never loaded the base model; the saved adapter is the last
+    # global state (PEFT loading it: tests/strategies/test_base_facts.py)
+    assert "the server holds no base model" in (run_dir / "flwr.log").read_text()
+    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    final = load_file(str(run_dir / "checkpoints" / "round-002" / "global.safetensors"))
+    assert set(saved) == set(final)
+    assert all(torch.equal(saved[k], final[k]) for k in final)
     assert not _leftovers(run_dir)

@@ -31,7 +31,8 @@ from strategies.flora import Flora
 from strategies.hetlora import HetLora
 from strategies.rank_aware import NodeInfo
 from strategies.registry import build_strategy
-from strategies.server.rounds import CentralEvaluator, run_federation
+from strategies.server.evaluator import CentralEvaluator
+from strategies.server.rounds import run_federation
 from strategies.server.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

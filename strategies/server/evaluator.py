@@ -1,0 +1,225 @@
+"""The server's view of the base model: central evaluation, or only its facts.
+
+Two implementations of one interface (:class:`ServerModel`), chosen by
+:func:`server_model`:
+
+- :class:`CentralEvaluator` holds the LoRA-wrapped base model in the ServerApp
+  process and evaluates every global adapter on the held-out split;
+- :class:`BaseFactsOnly` is used when the server does not evaluate (no held-out
+  split, or a strategy whose server cannot read the merged adapter): it holds the
+  base model's fingerprint, the initial adapter and the PEFT directory files,
+  computed once in a child process (``strategies.server.base_facts``), and never
+  loads the model or imports transformers and peft.
+
+Both write the same checkpoint directories (``PeftModel.from_pretrained`` loads
+them) and send the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any, Protocol
+
+from flwr.app import ConfigRecord
+from flwr.common.logger import log
+
+from fedlora import protocol as proto
+from fedlora.cache import collator, heldout_dataset, model_bundle
+from fedlora.config.flat import flatten_config
+from fedlora.fingerprint import base_fingerprint
+from fedlora.generation import with_generation
+from fedlora.lora.residual import Residual, set_residual, write_residual_adapter
+from fedlora.lora.state import StateDict, load_adapter_state
+from fedlora.train import EvalResult, evaluate
+from strategies.config import ExperimentConfig
+from strategies.server.base_facts import (
+    BaseFacts,
+    base_facts_in_child,
+    save_adapter_dir,
+)
+
+
+class CentralEvaluator:
+    """Evaluates global adapters on the held-out split and saves them as PEFT dirs.
+
+    With an empty held-out split (``data.test_fraction=0``) there is no central
+    evaluation: ``has_data`` is False and the ``eval_*`` fields stay empty.
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        self.bundle = model_bundle(cfg)
+        self.data = heldout_dataset(cfg)
+        self.collate = collator(cfg)
+        self.fingerprint = base_fingerprint(self.bundle.model)
+
+    @property
+    def has_data(self) -> bool:
+        """Whether there is a held-out split to evaluate on."""
+        return len(self.data) > 0
+
+    def fields(
+        self, state: StateDict, residual: Residual | None = None
+    ) -> dict[str, Any]:
+        """``eval_*`` fields of a metrics row (None without held-out data)."""
+        if not self.has_data:
+            return eval_fields(None)
+        return eval_fields(self(state, residual))
+
+    def config(self) -> ConfigRecord:
+        """Per-round message config: the base model's fingerprint for the sites."""
+        return ConfigRecord({proto.BASE_FINGERPRINT: self.fingerprint})
+
+    def initial_state(self) -> StateDict:
+        """Return the freshly initialised adapter (A random from the seed, B zero)."""
+        from fedlora.lora.state import adapter_state
+
+        return adapter_state(self.bundle.model)
+
+    def __call__(
+        self, state: StateDict, residual: Residual | None = None
+    ) -> EvalResult:
+        """Load ``state`` (+ FLoRA residual) and evaluate on the held-out split."""
+        set_residual(self.bundle.model, residual or {})
+        load_adapter_state(self.bundle.model, state)
+        result = evaluate(
+            self.bundle.model,
+            self.data,
+            self.collate,
+            task=self.cfg.data.task,
+            batch_size=self.cfg.train.eval_batch_size,
+            device=self.bundle.device,
+        )
+        return with_generation(
+            result, self.bundle.model, self.data, self.cfg, self.bundle.device
+        )
+
+    def save(
+        self, state: StateDict, path: Any, residual: Residual | None = None
+    ) -> None:
+        """Write ``state`` as a standard PEFT adapter directory.
+
+        With a FLoRA residual the saved LoRA is the residual itself (the adapter
+        is the restarted one, B = 0), loadable with ``PeftModel.from_pretrained``.
+        """
+        load_adapter_state(self.bundle.model, state)
+        self.bundle.model.save_pretrained(str(path))
+        if residual:
+            write_residual_adapter(path, residual)
+
+
+class ServerModel(Protocol):
+    """What the round loop asks of the base model (see the module docstring)."""
+
+    @property
+    def has_data(self) -> bool:
+        """Whether global adapters are evaluated on a held-out split."""
+        ...
+
+    def fields(
+        self, state: StateDict, residual: Residual | None = None
+    ) -> dict[str, Any]:
+        """``eval_*`` fields of a metrics row."""
+        ...
+
+    def config(self) -> ConfigRecord:
+        """Per-round message config (the base model's fingerprint)."""
+        ...
+
+    def initial_state(self) -> StateDict:
+        """Return the freshly initialised global adapter."""
+        ...
+
+    def save(
+        self, state: StateDict, path: Any, residual: Residual | None = None
+    ) -> None:
+        """Write ``state`` as a PEFT adapter directory at ``path``."""
+        ...
+
+
+def evaluates_centrally(cfg: ExperimentConfig, server_can_evaluate: bool) -> bool:
+    """Whether the server evaluates each global adapter on a held-out split.
+
+    False when the strategy's server cannot read the merged adapter (SHE-LoRA) or
+    the configuration has no held-out split (``data.test_fraction=0`` without
+    ``data.test_path``). A split that turns out empty for a tiny data set keeps the
+    model (``CentralEvaluator.has_data`` is then False).
+    """
+    held_out = bool(cfg.data.test_path) or cfg.data.test_fraction > 0
+    return server_can_evaluate and held_out
+
+
+class BaseFactsOnly:
+    """A server without central evaluation: base facts, no model (module docstring)."""
+
+    def __init__(self, facts: BaseFacts) -> None:
+        self.facts = facts
+
+    @classmethod
+    def from_child(cls, cfg: ExperimentConfig) -> BaseFactsOnly:
+        """Compute the facts of ``cfg`` in a child process."""
+        start = time.perf_counter()
+        facts = base_facts_in_child(flatten_config(cfg))
+        log(
+            INFO,
+            "fedlora: no central evaluation; the server holds no base model (initial "
+            "adapter and fingerprint from a child process in %.1f s)",
+            time.perf_counter() - start,
+        )
+        return cls(facts)
+
+    @property
+    def has_data(self) -> bool:
+        """Never: this server does not evaluate."""
+        return False
+
+    def fields(
+        self, state: StateDict, residual: Residual | None = None
+    ) -> dict[str, Any]:
+        """All ``eval_*`` fields None."""
+        return eval_fields(None)
+
+    def config(self) -> ConfigRecord:
+        """Per-round message config: the base model's fingerprint for the sites."""
+        return ConfigRecord({proto.BASE_FINGERPRINT: self.facts.fingerprint})
+
+    def initial_state(self) -> StateDict:
+        """Return a copy of the child's initial adapter (A from the seed, B zero)."""
+        return {k: v.clone() for k, v in self.facts.initial.items()}
+
+    def save(
+        self, state: StateDict, path: Any, residual: Residual | None = None
+    ) -> None:
+        """Write ``state`` (+ FLoRA residual) as a PEFT adapter directory."""
+        save_adapter_dir(Path(path), self.facts, state)
+        if residual:
+            write_residual_adapter(path, residual)
+
+
+def server_model(
+    cfg: ExperimentConfig, server_can_evaluate: bool
+) -> CentralEvaluator | BaseFactsOnly:
+    """Return the model-holding evaluator if the server evaluates, else facts."""
+    if evaluates_centrally(cfg, server_can_evaluate):
+        return CentralEvaluator(cfg)
+    return BaseFactsOnly.from_child(cfg)
+
+
+EVAL_FIELDS = (
+    "eval_loss", "eval_accuracy", "eval_perplexity", "eval_exact_match", "eval_rouge_l"
+)  # fmt: skip
+
+
+def eval_fields(result: EvalResult | None) -> dict[str, Any]:
+    """Return the ``eval_*`` fields of a metrics row (None without a result)."""
+    if result is None:
+        return dict.fromkeys(EVAL_FIELDS)
+    return {
+        "eval_loss": result.loss,
+        "eval_accuracy": result.accuracy,
+        "eval_perplexity": result.perplexity,
+        "eval_exact_match": result.exact_match,
+        "eval_rouge_l": result.rouge_l,
+    }

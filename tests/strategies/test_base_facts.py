@@ -1,0 +1,116 @@
+"""A server without central evaluation holds no model: its base facts (fingerprint,
+initial adapter, PEFT directory files) come from a child process and equal what the
+model-holding evaluator computes in process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_configs import tiny_config
+
+from strategies.server.evaluator import (
+    BaseFactsOnly,
+    CentralEvaluator,
+    evaluates_centrally,
+    server_model,
+)
+
+CASES = {
+    # unequal d_in / d_out (q_proj 64 -> 64, up_proj 64 -> 256), odd rank
+    "causal_lm": tiny_config(
+        "causal_lm",
+        {
+            "data.num_examples": 120,
+            "adapter.rank": 3,
+            "adapter.target_modules": ("q_proj", "up_proj"),
+        },
+    ),
+    # a trained task head rides along with the LoRA factors
+    "classification": tiny_config(
+        "classification", {"data.num_examples": 120, "adapter.train_head": True}
+    ),
+}
+
+
+def _config(raw: bytes) -> dict[str, object]:
+    config = json.loads(raw)
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return config
+
+
+@pytest.mark.parametrize("task", sorted(CASES))
+def test_child_facts_equal_the_in_process_model_and_save_the_same_directory(
+    task: str, tmp_path: Path
+) -> None:
+    cfg = CASES[task]
+    here = CentralEvaluator(cfg)
+    child = BaseFactsOnly.from_child(cfg)
+    assert child.config()["base-fingerprint"] == here.config()["base-fingerprint"]
+    initial, expected = child.initial_state(), here.initial_state()
+    assert set(initial) == set(expected)
+    assert all(torch.equal(initial[k], expected[k]) for k in expected)
+    assert any(t.abs().sum() > 0 for k, t in initial.items() if "lora_A" in k)
+    if task == "classification":
+        assert any("lora_" not in k for k in initial)  # the head
+    # a trained-looking adapter, saved by both: the same files, byte for byte
+    gen = torch.Generator().manual_seed(1)
+    state = {k: torch.randn(v.shape, generator=gen) for k, v in expected.items()}
+    here.save(state, tmp_path / "here")
+    child.save(state, tmp_path / "child")
+    names = sorted(p.name for p in (tmp_path / "here").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "child").iterdir())
+    assert "adapter_config.json" in names
+    for name in names:
+        here_bytes = (tmp_path / "here" / name).read_bytes()
+        child_bytes = (tmp_path / "child" / name).read_bytes()
+        if name == "adapter_config.json":  # peft writes target_modules from a set
+            here_bytes, child_bytes = _config(here_bytes), _config(child_bytes)
+        assert here_bytes == child_bytes, name
+    saved = load_file(str(tmp_path / "child" / "adapter_model.safetensors"))
+    assert all(torch.equal(saved[k], state[k]) for k in state)
+    assert set(child.fields(state).values()) == {None}  # no central evaluation
+
+
+def test_peft_loads_the_model_free_adapter_directory(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from fedlora.cache import model_bundle
+    from fedlora.lora.state import adapter_state
+    from fedlora.models import load_base_model
+
+    cfg = CASES["causal_lm"]
+    child = BaseFactsOnly.from_child(cfg)
+    state = {k: v + 0.5 for k, v in child.initial_state().items()}
+    child.save(state, tmp_path / "adapter")
+    base = load_base_model(cfg.model, task="causal_lm", num_labels=0, seed=cfg.seed)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    got = adapter_state(loaded)
+    assert set(got) == set(state)
+    assert all(torch.allclose(got[k], state[k]) for k in state)
+    assert set(got) == set(adapter_state(model_bundle(cfg).model))
+
+
+def test_the_server_holds_a_model_only_when_it_evaluates() -> None:
+    assert evaluates_centrally(CASES["causal_lm"], server_can_evaluate=True)
+    assert not evaluates_centrally(CASES["causal_lm"], server_can_evaluate=False)
+    off = tiny_config("causal_lm", {"data.test_fraction": 0.0})
+    assert not evaluates_centrally(off, server_can_evaluate=True)
+    assert isinstance(server_model(off, True), BaseFactsOnly)
+    assert isinstance(server_model(CASES["causal_lm"], True), CentralEvaluator)
+
+
+def test_a_child_that_cannot_load_the_model_fails_with_its_error(
+    tmp_path: Path,
+) -> None:
+    cfg = tiny_config(
+        "causal_lm",
+        {"model.name": str(tmp_path / "missing-model")},
+    )
+    with pytest.raises(RuntimeError, match="loading the base model") as err:
+        BaseFactsOnly.from_child(cfg)
+    assert "missing-model" in str(err.value)  # the child's own error
