@@ -2,7 +2,11 @@
 
 The job is FlowerTune's example shape on the tiny Llama: 4 clients, 2 sampled per
 round, 3 rounds of 10 local steps of 8 x 128 tokens, QLoRA (NF4) with r = 8 on
-q_proj and v_proj. Each run is ``python -m simulations.run`` in a fresh process;
+q_proj and v_proj, with the held-out evaluation on the server after every round
+(the data preset's default). ``--extra`` adds overrides to both sides:
+``data.test_fraction=0`` (no central evaluation, as in FlowerTune's example: the
+ServerApp then holds no model) or ``launcher.cpus_per_client=2`` (one client actor
+using both cores instead of two with one each). Each run is ``python -m simulations.run`` in a fresh process;
 the benchmark records:
 
 - ``seconds``: launch to exit, split at the moments the run directory shows them:
@@ -171,7 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per variant")
     parser.add_argument("--baseline", type=Path, help="another checkout to compare")
     parser.add_argument("--out", type=Path, help="result file (default: results/)")
+    parser.add_argument(
+        "--extra", nargs="*", default=[], help="overrides added to the job"
+    )
     args = parser.parse_args(argv)
+    job = (*JOB, *args.extra)
     variants = {"this": ROOT}
     if args.baseline:
         variants["baseline"] = args.baseline.resolve()
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(args.runs):
             order = list(variants) if i % 2 == 0 else list(reversed(variants))
             for name in order:
-                result = one_run(variants[name], Path(tmp) / f"{name}-{i}")
+                result = one_run(variants[name], Path(tmp) / f"{name}-{i}", job)
                 print(f"[light_run] {name} #{i}: {json.dumps(result)}", file=sys.stderr)
                 runs[name].append(result)
     summary: dict[str, Any] = {
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             ),
         }
     out = {
-        "job": list(JOB),
+        "job": list(job),
         "cpu_count": os.cpu_count(),
         "baseline": str(args.baseline) if args.baseline else None,
         "summary": summary,

@@ -8,8 +8,11 @@ held-out set is that file instead (e.g. a benchmark's official dev split; at mos
 ``max_test_examples`` rows, a seeded sample of a longer file) and every row of the
 source trains:
 
-- ``iid``: :class:`~flwr_datasets.partitioner.IidPartitioner` (contiguous shards of
-  the shuffled rows, sizes differ by at most one);
+- ``iid``: contiguous shards of the shuffled rows, sizes differ by at most one and
+  the first ``n % k`` are the larger, exactly as
+  :class:`~flwr_datasets.partitioner.IidPartitioner` cuts them
+  (:func:`contiguous_shards`; computed here so that a client process does not
+  import flwr-datasets and its plotting stack, about 50 MiB, for an index split);
 - ``dirichlet`` (classification only; causal_lm falls back to iid):
   :class:`~flwr_datasets.partitioner.DirichletPartitioner` by ``label`` with
   ``alpha = data.dirichlet_alpha``, ``min_partition_size=1`` (no client is empty) and
@@ -90,38 +93,46 @@ def split_indices(cfg: DataConfig, seed: int) -> Split:
     )
 
 
+def contiguous_shards(rows: tuple[int, ...], k: int) -> tuple[tuple[int, ...], ...]:
+    """Split ``rows`` into ``k`` contiguous shards, the first ``len % k`` one longer.
+
+    The cut of ``datasets.Dataset.shard(k, i, contiguous=True)``, which
+    flwr-datasets' ``IidPartitioner`` uses: shard ``i`` starts at
+    ``(n // k) * i + min(i, n % k)``.
+    """
+    div, mod = divmod(len(rows), k)
+    starts = [div * i + min(i, mod) for i in range(k + 1)]
+    return tuple(rows[starts[i] : starts[i + 1]] for i in range(k))
+
+
 @lru_cache(maxsize=8)
 def partition_indices(
     cfg: DataConfig, seed: int, num_partitions: int
 ) -> tuple[tuple[int, ...], ...]:
     """Full-set row indices of every partition, one tuple per partition id."""
-    import datasets
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        Partitioner,
-    )
-
     full, rest = examples(cfg, seed), split_indices(cfg, seed).rest
     if not 1 <= num_partitions <= len(rest):
         raise ValueError(
             f"num_partitions={num_partitions} must be in [1, {len(rest)}] (the "
             "training rows left after the held-out split)"
         )
-    columns: dict[str, list[int]] = {"row": list(rest)}
-    partitioner: Partitioner = IidPartitioner(num_partitions=num_partitions)
-    if cfg.partitioner == "dirichlet" and cfg.task == "classification":
-        labels = np.asarray(column(full, "label"))  # (n,)
-        columns["label"] = labels[list(rest)].tolist()
-        partitioner = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=cfg.dirichlet_alpha,
-            min_partition_size=1,
-            self_balancing=True,
-            seed=seed,
-        )
-    partitioner.dataset = datasets.Dataset.from_dict(columns)
+    if cfg.partitioner != "dirichlet" or cfg.task != "classification":
+        return contiguous_shards(rest, num_partitions)
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    labels = np.asarray(column(full, "label"))  # (n,)
+    partitioner = DirichletPartitioner(
+        num_partitions=num_partitions,
+        partition_by="label",
+        alpha=cfg.dirichlet_alpha,
+        min_partition_size=1,
+        self_balancing=True,
+        seed=seed,
+    )
+    partitioner.dataset = datasets.Dataset.from_dict(
+        {"row": list(rest), "label": labels[list(rest)].tolist()}
+    )
     try:
         parts = [
             column(partitioner.load_partition(p), "row") for p in range(num_partitions)

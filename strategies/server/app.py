@@ -41,7 +41,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.write_config(cfg)
     log(INFO, "fedlora: writing the run directory to %s", run_dir.root)
     strategy = build_strategy(cfg)
-    evaluator = server_model(cfg, strategy.server_can_evaluate)
+    evaluator = server_model(cfg, strategy.server_can_evaluate, run_dir.root)
     header_printed = [False]
     columns = run_columns(
         cfg.data.task, cfg.privacy.mode == "dp", cfg.train.eval_generate > 0

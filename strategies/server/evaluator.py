@@ -37,6 +37,8 @@ from strategies.config import ExperimentConfig
 from strategies.server.base_facts import (
     BaseFacts,
     base_facts_in_child,
+    held_out_split,
+    precomputed_facts,
     save_adapter_dir,
 )
 
@@ -147,8 +149,7 @@ def evaluates_centrally(cfg: ExperimentConfig, server_can_evaluate: bool) -> boo
     ``data.test_path``). A split that turns out empty for a tiny data set keeps the
     model (``CentralEvaluator.has_data`` is then False).
     """
-    held_out = bool(cfg.data.test_path) or cfg.data.test_fraction > 0
-    return server_can_evaluate and held_out
+    return server_can_evaluate and held_out_split(cfg)
 
 
 class BaseFactsOnly:
@@ -158,14 +159,21 @@ class BaseFactsOnly:
         self.facts = facts
 
     @classmethod
-    def from_child(cls, cfg: ExperimentConfig) -> BaseFactsOnly:
-        """Compute the facts of ``cfg`` in a child process."""
+    def from_child(
+        cls, cfg: ExperimentConfig, run_dir: Path | None = None
+    ) -> BaseFactsOnly:
+        """Use the launcher's facts in ``run_dir`` if there, else a child's."""
         start = time.perf_counter()
-        facts = base_facts_in_child(flatten_config(cfg))
+        run_config = flatten_config(cfg)
+        facts = precomputed_facts(run_dir, run_config) if run_dir else None
+        source = "the launcher's child process"
+        if facts is None:
+            facts, source = base_facts_in_child(run_config), "a child process"
         log(
             INFO,
             "fedlora: no central evaluation; the server holds no base model (initial "
-            "adapter and fingerprint from a child process in %.1f s)",
+            "adapter and fingerprint from %s, %.1f s)",
+            source,
             time.perf_counter() - start,
         )
         return cls(facts)
@@ -199,12 +207,15 @@ class BaseFactsOnly:
 
 
 def server_model(
-    cfg: ExperimentConfig, server_can_evaluate: bool
+    cfg: ExperimentConfig, server_can_evaluate: bool, run_dir: Path | None = None
 ) -> CentralEvaluator | BaseFactsOnly:
-    """Return the model-holding evaluator if the server evaluates, else facts."""
+    """Return the model-holding evaluator if the server evaluates, else facts.
+
+    ``run_dir``: where the launcher may have precomputed the facts.
+    """
     if evaluates_centrally(cfg, server_can_evaluate):
         return CentralEvaluator(cfg)
-    return BaseFactsOnly.from_child(cfg)
+    return BaseFactsOnly.from_child(cfg, run_dir)
 
 
 EVAL_FIELDS = (

@@ -549,3 +549,22 @@ def test_causal_rows_without_a_response_token_are_skipped_with_a_warning() -> No
         tokenized = TokenizedDataset(ds, tok, cfg)
     assert len(tokenized) == 1
     assert (tokenized[0]["labels"] != -100).any()
+
+
+@pytest.mark.parametrize(("examples", "clients"), [(800, 4), (803, 7), (250, 32)])
+def test_iid_partitions_are_flwr_datasets_iid_shards(
+    examples: int, clients: int
+) -> None:
+    """The client path cuts IID shards itself (no flwr-datasets import); the rows
+    are exactly those of flwr-datasets' IidPartitioner on the permuted rows."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    cfg = DataConfig(num_examples=examples, partitioner="iid")
+    rest = split.split_indices(cfg, 3).rest
+    reference = IidPartitioner(num_partitions=clients)
+    reference.dataset = datasets.Dataset.from_dict({"row": list(rest)})
+    expected = [tuple(reference.load_partition(p)["row"]) for p in range(clients)]
+    assert list(split.partition_indices(cfg, 3, clients)) == expected
+    sizes = {len(rows) for rows in expected}
+    assert max(sizes) - min(sizes) <= 1

@@ -114,3 +114,36 @@ def test_a_child_that_cannot_load_the_model_fails_with_its_error(
     with pytest.raises(RuntimeError, match="loading the base model") as err:
         BaseFactsOnly.from_child(cfg)
     assert "missing-model" in str(err.value)  # the child's own error
+
+
+def test_the_launchers_precomputed_facts_serve_only_their_own_config(
+    tmp_path: Path,
+) -> None:
+    """``start_precompute`` (launcher) -> ``precomputed_facts`` (ServerApp): the
+    ServerApp waits for the child's lock and takes the facts only for the exact
+    run config they were computed for."""
+    from fedlora.config.flat import flatten_config
+    from strategies.server.base_facts import (
+        PRECOMPUTED,
+        precomputed_facts,
+        start_precompute,
+        stop_precompute,
+    )
+
+    cfg = tiny_config("causal_lm", {"data.test_fraction": 0.0, "adapter.rank": 3})
+    assert start_precompute(CASES["causal_lm"], {}, tmp_path) is None  # evaluates
+    child = start_precompute(cfg, flatten_config(cfg), tmp_path)
+    assert child is not None
+    facts = precomputed_facts(tmp_path, flatten_config(cfg))  # waits for the child
+    assert child.poll() == 0
+    assert facts is not None
+    expected = BaseFactsOnly.from_child(cfg)
+    assert facts.fingerprint == expected.facts.fingerprint
+    assert all(
+        torch.equal(facts.initial[k], v) for k, v in expected.facts.initial.items()
+    )
+    other = flatten_config(tiny_config("causal_lm", {"data.test_fraction": 0.0}))
+    assert precomputed_facts(tmp_path, other) is None  # rank 4: not these facts
+    stop_precompute(child, tmp_path)
+    assert not (tmp_path / PRECOMPUTED).exists()
+    assert precomputed_facts(tmp_path, flatten_config(cfg)) is None
