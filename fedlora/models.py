@@ -186,6 +186,7 @@ def wrap_lora(
         lora_dropout=adapter.dropout,
         target_modules=lora_targets(model_cfg, adapter),
         use_rslora=adapter.use_rslora,
+        use_dora=adapter.use_dora,
         task_type=TaskType.SEQ_CLS
         if train_head
         else (TaskType.CAUSAL_LM if task == "causal_lm" else None),

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from fedlora.config import ClientConfig, TrainConfig
 from fedlora.lm_loss import lm_loss, lm_loss_sum
-from fedlora.lora.state import factor_of
+from fedlora.lora.state import factor_of, is_magnitude
 from fedlora.lora.variants import VARIANTS
 
 Batch = dict[str, Tensor]
@@ -113,7 +113,9 @@ def step_rule(cfg: ClientConfig) -> StepRule:
 
         def transform(name: str, grad: Tensor) -> Tensor:
             factor = factor_of(name)
-            return grad if factor is None else lowpass_filter(grad, factor)
+            if factor is None or is_magnitude(name):  # the filter is for matrices
+                return grad
+            return lowpass_filter(grad, factor)
 
     return StepRule(
         variant.factors_for_step,
@@ -152,8 +154,8 @@ def trainable_groups(
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups of the currently trainable parameters.
 
-    B gets ``lr_ratio_b`` times ``cfg.lr``, every non-LoRA tensor (the task head)
-    ``lr_ratio_head`` times, A ``cfg.lr``.
+    B gets ``lr_ratio_b`` times ``cfg.lr`` (LoRA+), every non-LoRA tensor (the task
+    head) ``lr_ratio_head`` times, A and DoRA's magnitude ``cfg.lr``.
 
     Each group carries ``names`` and ``base_lr`` (the schedule multiplies it).
     """
@@ -161,7 +163,7 @@ def trainable_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        factor = factor_of(name)
+        factor = "lora_A" if is_magnitude(name) else factor_of(name)
         ratio = {"lora_B": lr_ratio_b, "lora_A": 1.0}.get(factor or "", lr_ratio_head)
         lr = cfg.lr * ratio
         group = groups.setdefault(lr, {"params": [], "names": [], "base_lr": lr})

@@ -126,6 +126,14 @@ class ExperimentConfig(ClientConfig):
                 f"adapter={self.adapter.variant} trains or sends one only. Use "
                 "adapter=lora"
             )
+        if self.adapter.use_dora and self.strategy.name != "fedavg":
+            raise ConfigError(
+                f"adapter.use_dora=true with strategy={self.strategy.name}: DoRA "
+                "normalises each row of W + s B A by its own norm, so zero-padded, "
+                "stacked or re-factorised ranks (hetlora, flora, flexlora) and "
+                "encrypted B columns (she_lora) have no DoRA counterpart; use "
+                "strategy=fedavg"
+            )
         plain = self.strategy.server_momentum == 0 and self.strategy.server_lr == 1
         if not plain and (
             self.strategy.name != "fedavg" or self.adapter.variant not in SERVER_STEP

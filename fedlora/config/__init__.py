@@ -134,6 +134,14 @@ class AdapterConfig:
         default=False,
         metadata=field_help("rsLoRA scaling alpha/sqrt(r) instead of alpha/r."),
     )
+    use_dora: bool = field(
+        default=False,
+        metadata=field_help(
+            "DoRA [Liu et al., ICML 2024] (peft use_dora; QDoRA on a 4-bit base): "
+            "W' = m * (W + s B A) / ||W + s B A|| per output row; the magnitude m "
+            "(d_out per matrix) is trained, sent and averaged with B."
+        ),
+    )
     train_head: bool = field(
         default=True,
         metadata=field_help("Classification: train and aggregate the task head too."),
@@ -355,6 +363,13 @@ class ClientConfig:
                 f"(maximum) rank; set adapter.rank={max(above)} or lower those ranks"
             )
         if self.privacy.mode == "dp":
+            if self.adapter.use_dora:
+                raise ConfigError(
+                    "privacy.mode='dp' with adapter.use_dora=true: Opacus computes no "
+                    "per-sample gradient for DoRA's magnitude (peft's DoraLinearLayer "
+                    "takes the LoRA factors as keyword arguments, which its hooks do "
+                    "not see); use DoRA without DP, or DP with plain LoRA"
+                )
             if self.model.gradient_checkpointing:
                 raise ConfigError(
                     "privacy.mode='dp' with model.gradient_checkpointing=true: Opacus "

@@ -29,8 +29,25 @@ A_SUFFIX = ".lora_A.weight"  # key suffix of A: (r, d_in)
 B_SUFFIX = ".lora_B.weight"  # key suffix of B: (d_out, r)
 
 
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's m: (d_out,), a key's last part
+
+
+def is_magnitude(key: str) -> bool:
+    """Whether ``key`` (state key or parameter name) is DoRA's magnitude vector."""
+    return f".{MAGNITUDE}" in key
+
+
 def factor_of(key: str) -> str | None:
-    """``"lora_A"``/``"lora_B"`` for a LoRA factor key, None for other tensors."""
+    """``"lora_A"``/``"lora_B"`` for a LoRA factor key, None for other tensors.
+
+    DoRA's magnitude vector ``m`` (``(d_out,)``, one per adapted matrix) counts as
+    ``"lora_B"``: it is trained, sent and scheduled with B (FFA-LoRA trains and
+    sends B and m, RoLoRA both in its B rounds, LA-LoRA both on its B steps). At
+    the start ``B = 0`` and ``m = ||W||`` row-wise, so the update starts with the
+    pair that moves the model.
+    """
+    if is_magnitude(key):
+        return "lora_B"
     for factor in ("lora_A", "lora_B"):
         if f".{factor}." in key:
             return factor

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import psutil
@@ -249,4 +250,54 @@ def test_a_run_without_held_out_data_trains_and_saves_the_adapter(
     final = load_file(str(run_dir / "checkpoints" / "round-002" / "global.safetensors"))
     assert set(saved) == set(final)
     assert all(torch.equal(saved[k], final[k]) for k in final)
+    assert not _leftovers(run_dir)
+
+
+def test_a_qdora_federation_exports_an_adapter_peft_loads_to_the_same_loss(
+    tmp_path: Path,
+) -> None:
+    """DoRA on the NF4 tiny Llama: A, B and m travel; the final adapter, loaded by
+    ``PeftModel.from_pretrained`` on a fresh base, gives the server's last loss."""
+    from peft import PeftModel
+
+    from fedlora.models import load_base_model
+
+    run_dir = tmp_path / "run"
+    overrides = {
+        "model.name": "tiny_llama",
+        "model.tiny_hidden_size": 64,
+        "data.source": "synthetic_instruct",
+        "data.task": "causal_lm",
+        "data.num_examples": 200,
+        "adapter.use_dora": True,
+        "federation.clients": 2,
+        "federation.rounds": 2,
+        "federation.local_steps": 3,
+    }
+    _launch(
+        run_dir,
+        "model=tiny_llama",
+        "data=synthetic_instruct",
+        *(f"{k}={v}" for k, v in overrides.items() if not k.startswith("model.name")),
+    )
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["bytes_up"] > 0
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    summary = json.loads((run_dir / "summary.json").read_text())
+    with (run_dir / "run_config.toml").open("rb") as fh:  # the run's own config
+        cfg = ExperimentConfig.from_run_config(tomllib.load(fh))
+    base = load_base_model(cfg.model, task="causal_lm", num_labels=0, seed=cfg.seed)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    result = evaluate(
+        model,
+        heldout_dataset(cfg),
+        collator(cfg),
+        task="causal_lm",
+        batch_size=cfg.train.eval_batch_size,
+        device=torch.device("cpu"),
+    )
+    assert result.loss == pytest.approx(summary["final"]["eval_loss"], rel=1e-6)
+    assert result.loss != pytest.approx(summary["initial"]["eval_loss"], rel=1e-6)
     assert not _leftovers(run_dir)

@@ -29,6 +29,11 @@ CASES = {
             "adapter.target_modules": ("q_proj", "up_proj"),
         },
     ),
+    # QDoRA: the magnitude (||W|| per row of the NF4 base) must match bit for bit
+    "dora": tiny_config(
+        "causal_lm",
+        {"data.num_examples": 120, "adapter.rank": 3, "adapter.use_dora": True},
+    ),
     # a trained task head rides along with the LoRA factors
     "classification": tiny_config(
         "classification", {"data.num_examples": 120, "adapter.train_head": True}
@@ -57,6 +62,8 @@ def test_child_facts_equal_the_in_process_model_and_save_the_same_directory(
     assert any(t.abs().sum() > 0 for k, t in initial.items() if "lora_A" in k)
     if task == "classification":
         assert any("lora_" not in k for k in initial)  # the head
+    if task == "dora":
+        assert any(k.endswith("lora_magnitude_vector") for k in initial)
     # a trained-looking adapter, saved by both: the same files, byte for byte
     gen = torch.Generator().manual_seed(1)
     state = {k: torch.randn(v.shape, generator=gen) for k, v in expected.items()}
