@@ -149,7 +149,9 @@ class AdapterConfig:
     lr_ratio_b: float = field(
         default=1.0,
         metadata=field_help(
-            "Learning rate of B relative to A (LA-LoRA's code uses 2)."
+            "LoRA+ [Hayou et al., ICML 2024]: learning rate of B relative to A, "
+            "lambda = lr_B / lr_A; 1 = plain LoRA, the paper suggests starting at "
+            "2^4 = 16 (LA-LoRA's code uses 2)."
         ),
     )
     lr_ratio_head: float = field(
