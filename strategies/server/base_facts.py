@@ -8,9 +8,10 @@ round's adapter in. When the server does not evaluate (no held-out split, or
 SHE-LoRA, whose server cannot decrypt the merged adapter), it gets these
 *base facts* from a short-lived child process and never imports transformers or
 peft nor loads the model: the ServerApp process stays at the size of torch and
-Flower (about 0.3 GiB instead of 0.8 GiB for the tiny Llama, more for real models)
-for the whole run. The child builds the model exactly as a client does
-(``fedlora.cache.model_bundle``), so the facts are those of the in-process path.
+Flower for the whole run (0.44 GiB instead of 0.87 GiB at the peak of the
+tiny-Llama run; a real model saves its own size on top). The child builds the
+model exactly as a client does (``fedlora.cache.model_bundle``), so the facts are
+those of the in-process path.
 
 The child is ``python -m strategies.server.base_facts <run-config.json> <out dir>``;
 it writes ``initial.safetensors`` (the initial adapter, float32), ``facts.json``
