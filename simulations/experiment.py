@@ -3,13 +3,15 @@
 Only ``simulations/`` knows Hydra. It composes ``conf/``, validates through the
 same dataclasses the apps use (``ExperimentConfig``), flattens to Flower's flat
 run-config with ``fedlora.config.flat.flatten_config`` and writes it as TOML for
-``flwr run --run-config``.
+``flwr run --run-config``; :func:`run_experiment` is the launch that
+``simulations.run`` and ``simulations.resume`` share.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ import tomli_w
 from fedlora.config import DataConfig
 from fedlora.config.flat import ConfigError, build_config, check_range, flatten_config
 from fedlora.data.preflight import check_data_files
+from simulations.flower_runtime import LocalSimulation
 from strategies.config import ExperimentConfig
+from strategies.server.base_facts import start_precompute, stop_precompute
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -199,3 +203,37 @@ def check_outside_app(run_dir: Path, root: Path = PROJECT_ROOT) -> None:
             "in it) into the app; use outputs/... or multirun/... (ignored) or a "
             "directory outside the project"
         )
+
+
+def run_experiment(
+    experiment: ExperimentConfig,
+    run_config: Path,
+    *,
+    work_dir: Path,
+    log_file: Path,
+    cpus_per_client: int,
+    gpus_per_client: float,
+    ray_address: str = "",
+    log: Callable[[str], Any] = print,
+) -> None:
+    """Run ``run_config`` (written from ``experiment``) on a private SuperLink.
+
+    Every process it starts is stopped on exit. A server without central
+    evaluation gets the base model's facts from a child started first, so the
+    model loads while Flower starts (``strategies.server.base_facts``).
+    """
+    facts_child = start_precompute(experiment, Path(experiment.output_dir))
+    try:
+        with LocalSimulation(
+            work_dir=work_dir, log=log, ray_address=ray_address
+        ) as sim:
+            sim.run(
+                PROJECT_ROOT,
+                run_config=run_config,
+                num_supernodes=experiment.federation.clients,
+                cpus_per_client=cpus_per_client,
+                gpus_per_client=gpus_per_client,
+                log_file=log_file,
+            )
+    finally:
+        stop_precompute(facts_child, Path(experiment.output_dir))

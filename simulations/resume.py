@@ -22,8 +22,11 @@ from pathlib import Path
 import yaml
 
 from fedlora.config.flat import ConfigError
-from simulations.experiment import PROJECT_ROOT, check_ray_address, write_run_config
-from simulations.flower_runtime import LocalSimulation
+from simulations.experiment import (
+    check_ray_address,
+    run_experiment,
+    write_run_config,
+)
 from strategies.config import ExperimentConfig
 from strategies.server.checkpoint import flatten_dict, latest_checkpoint
 from strategies.server.rundir import RunDir
@@ -63,17 +66,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fedlora: resuming {run_dir} after round {done or 0}")
     attempt = 1 + len(list(run_dir.glob("flwr-resume-*")))
     run_config = run_dir / f"run_config-resume-{attempt}.toml"
-    write_run_config(dataclasses.replace(cfg, resume=True), run_config)
-    work_dir = run_dir / f"flwr-resume-{attempt}"
-    with LocalSimulation(work_dir=work_dir, ray_address=args.ray_address) as sim:
-        sim.run(
-            PROJECT_ROOT,
-            run_config=run_config,
-            num_supernodes=cfg.federation.clients,
-            cpus_per_client=args.cpus_per_client,
-            gpus_per_client=args.gpus_per_client,
-            log_file=run_dir / f"flwr-resume-{attempt}.log",
-        )
+    cfg = dataclasses.replace(cfg, resume=True)
+    write_run_config(cfg, run_config)
+    run_experiment(
+        cfg,
+        run_config,
+        work_dir=run_dir / f"flwr-resume-{attempt}",
+        log_file=run_dir / f"flwr-resume-{attempt}.log",
+        cpus_per_client=args.cpus_per_client,
+        gpus_per_client=args.gpus_per_client,
+        ray_address=args.ray_address,
+    )
     rows = RunDir(run_dir).read_metrics()
     print(f"\nfedlora: run directory {run_dir}\n{format_table(rows)}")
 

@@ -31,18 +31,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedlora.config.flat import ConfigError, flatten_config
+from fedlora.config.flat import ConfigError
 from simulations.console import Console, summary_line
 from simulations.experiment import (
     CONF_DIR,
-    PROJECT_ROOT,
     check_outside_app,
     from_hydra,
+    run_experiment,
     write_run_config,
 )
-from simulations.flower_runtime import LocalSimulation
 from strategies.config import ExperimentConfig
-from strategies.server.base_facts import start_precompute, stop_precompute
 from strategies.server.rundir import RunDir
 
 
@@ -88,27 +86,18 @@ def main(cfg: DictConfig) -> None:
     # 3. Flower run-config
     run_config = job_dir / "run_config.toml"
     write_run_config(experiment, run_config)
-    # 4. launch on a private SuperLink; all its processes stop on exit. A server
-    # without central evaluation gets the base model's facts from a child started
-    # now, so the model loads while Flower starts.
+    # 4. launch on a private SuperLink; all its processes stop on exit
     console = Console(verbose=launch.verbose)
-    facts_child = start_precompute(
-        experiment, flatten_config(experiment), Path(experiment.output_dir)
+    run_experiment(
+        experiment,
+        run_config,
+        work_dir=job_dir / "flwr",
+        log_file=job_dir / "flwr.log",
+        cpus_per_client=launch.cpus_per_client,
+        gpus_per_client=launch.gpus_per_client,
+        ray_address=launch.ray_address,
+        log=console,
     )
-    try:
-        with LocalSimulation(
-            work_dir=job_dir / "flwr", log=console, ray_address=launch.ray_address
-        ) as sim:
-            sim.run(
-                PROJECT_ROOT,
-                run_config=run_config,
-                num_supernodes=experiment.federation.clients,
-                cpus_per_client=launch.cpus_per_client,
-                gpus_per_client=launch.gpus_per_client,
-                log_file=job_dir / "flwr.log",
-            )
-    finally:
-        stop_precompute(facts_child, Path(experiment.output_dir))
     # 5. results
     rows = RunDir(Path(experiment.output_dir)).read_metrics()
     console.write(summary_line(rows, experiment.output_dir))

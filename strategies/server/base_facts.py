@@ -190,21 +190,22 @@ def _child_command(config_file: Path, out: Path) -> tuple[list[str], dict[str, s
     return [sys.executable, "-m", __name__, str(config_file), str(out)], env
 
 
-def start_precompute(
-    cfg: Any, run_config: Mapping[str, Any], run_dir: Path
-) -> subprocess.Popen[bytes] | None:
-    """Start computing the base facts into ``run_dir/.base-facts`` (launcher side).
+def start_precompute(cfg: Any, run_dir: Path) -> subprocess.Popen[bytes] | None:
+    """Start computing the base facts of ``cfg`` into ``run_dir/.base-facts``.
 
-    Only when the server will not hold the model anyway (no held-out split). The
+    Launcher side, and only when the server will not hold the model anyway (no
+    held-out split); ``cfg`` is the ``ExperimentConfig`` of the run config. The
     child holds ``.base-facts/lock`` until its facts are written or it fails; its
     output goes to ``.base-facts/child.log``. Returns the child, or None.
     """
     if held_out_split(cfg):
         return None
+    from fedlora.config.flat import flatten_config
+
     root = run_dir / PRECOMPUTED
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    (root / "run_config.json").write_text(json.dumps(dict(run_config)))
+    (root / "run_config.json").write_text(json.dumps(flatten_config(cfg)))
     cmd, env = _child_command(root / "run_config.json", root / "facts")
     with (root / "lock").open("w") as lock, (root / "child.log").open("wb") as log:
         fcntl.flock(lock, fcntl.LOCK_EX)  # shared with the child, held until it exits

@@ -138,8 +138,8 @@ def test_the_launchers_precomputed_facts_serve_only_their_own_config(
     )
 
     cfg = tiny_config("causal_lm", {"data.test_fraction": 0.0, "adapter.rank": 3})
-    assert start_precompute(CASES["causal_lm"], {}, tmp_path) is None  # evaluates
-    child = start_precompute(cfg, flatten_config(cfg), tmp_path)
+    assert start_precompute(CASES["causal_lm"], tmp_path) is None  # evaluates
+    child = start_precompute(cfg, tmp_path)
     assert child is not None
     facts = precomputed_facts(tmp_path, flatten_config(cfg))  # waits for the child
     assert child.poll() == 0
