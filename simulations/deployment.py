@@ -26,6 +26,7 @@ from simulations.processes import kill_tree, marked_processes, terminate
 
 CONNECTION = "fedsites"
 MARKER_ENV = "FEDLORA_DEPLOYMENT_ID"
+CONNECTED_MARK = b"SuperNode ID:"  # Flower logs it once the SuperLink activated it
 
 
 def superlink_cmd(certs: str, port: int, database: str, host: str) -> list[str]:
@@ -77,6 +78,16 @@ def site_supernode_cmd(
     """Site: the same SuperNode, with the site worker running its ClientApp tasks."""
     flower = supernode_cmd(superlink, ca_cert, private_key, node_config, port)
     return ["python", "-m", "fedlora.client.supernode", *flower[1:]]
+
+
+def _logged_since(log: Path, offset: int, mark: bytes) -> bool:
+    """Whether ``log`` holds ``mark`` after byte ``offset`` (this attempt's lines)."""
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            return mark in f.read()
+    except OSError:
+        return False
 
 
 def run_cmd(app_dir: str, run_config: str) -> list[str]:
@@ -236,19 +247,29 @@ class LocalDeployment:
 
         After a crash the SuperLink refuses the same key ("Failed to activate
         SuperNode", exit 305) until it has missed the old session's heartbeats
-        (up to 2 x 30 s); a service manager restarts it, and so does this.
+        (up to 2 x 30 s); a service manager restarts it, and so does this. An
+        attempt counts as connected only once its log says ``SuperNode ID``
+        (Flower logs it after the activation): a slow machine may take longer
+        than any fixed wait to be refused.
         """
+        log = self.work_dir / f"site-{site}.log"
         deadline = time.monotonic() + timeout
         while True:
+            offset = log.stat().st_size if log.exists() else 0
             proc = self.start_site(site, node_config, in_worker)
-            try:
-                code = proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                return proc  # still up after 15 s: connected
+            while proc.poll() is None:
+                if _logged_since(log, offset, CONNECTED_MARK):
+                    return proc
+                if time.monotonic() > deadline:  # the with block stops it
+                    raise RuntimeError(
+                        f"site {site} did not connect within {timeout:.0f} s; "
+                        f"see {log}"
+                    )
+                time.sleep(0.2)
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"site {site} was refused until the timeout (exit {code}); "
-                    f"see site-{site}.log"
+                    f"site {site} was refused until the timeout (exit "
+                    f"{proc.returncode}); see {log}"
                 )
             time.sleep(3)
 
