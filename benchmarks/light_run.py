@@ -6,8 +6,8 @@ q_proj and v_proj, with the held-out evaluation on the server after every round
 (the data preset's default). ``--extra`` adds overrides to both sides:
 ``data.test_fraction=0`` (no central evaluation, as in FlowerTune's example: the
 ServerApp then holds no model) or ``launcher.cpus_per_client=2`` (one client actor
-using both cores instead of two with one each). Each run is ``python -m simulations.run`` in a fresh process;
-the benchmark records:
+using both cores instead of two with one each). Each run is ``python -m
+simulations.run`` in a fresh process; the benchmark records:
 
 - ``seconds``: launch to exit, split at the moments the run directory shows them:
   ``launcher`` (to ``run_config.toml``), ``to_server_app`` (to the ServerApp's

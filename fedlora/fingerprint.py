@@ -3,10 +3,12 @@
 The fingerprint is a SHA-256 over the model's config (architecture, sizes,
 vocabulary), the name and shape of every base parameter, and the values of the
 base tensors that are not quantised (embeddings, norms, biases), cast to bfloat16.
+Buffers are not parameters: VeRA's shared projections are checked with the frozen
+adapter tensors instead (``fedlora.client.round.check_frozen``).
 Casting makes it independent of where the model runs (a CUDA site in bfloat16 and
 a CPU server in float32 agree) while any different checkpoint, size or quantisation
-layout changes it. LoRA factors and the task head are excluded: they are the
-adapter, not the base.
+layout changes it. LoRA factors, VeRA's vectors and the task head are excluded:
+they are the adapter, not the base.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import torch
 from torch import nn
 
-_SKIP = ("lora_", "modules_to_save", "original_module")
+_SKIP = ("lora_", "vera_lambda_", "modules_to_save", "original_module")
 
 
 def base_fingerprint(model: nn.Module) -> str:

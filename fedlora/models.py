@@ -172,25 +172,47 @@ def wrap_lora(
     seed: int,
     rank: int | None = None,
 ) -> PeftModel:
-    """Attach a LoRA adapter (A random from ``seed``, B zero); only it trains.
+    """Attach the adapter; only it (and a trained head) trains.
+
+    LoRA: A random from ``seed``, B zero. VeRA (``adapter.peft_type="vera"``): the
+    shared projections from ``seed`` (peft's ``projection_prng_key``, a CPU
+    generator, so every site builds the same ones), ``lambda_d = d_initial``,
+    ``lambda_b = 0``; the projections are part of the adapter state (peft
+    ``save_projection``) so the server can fingerprint them and an exported
+    adapter loads without relying on the generator.
 
     ``rank`` overrides ``adapter.rank`` (heterogeneous-rank clients).
     """
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType, VeraConfig, get_peft_model
 
     r = adapter.rank if rank is None else rank
     train_head = task == "classification" and adapter.train_head
-    config = LoraConfig(
-        r=r,
-        lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # peft accepts floats
-        lora_dropout=adapter.dropout,
-        target_modules=lora_targets(model_cfg, adapter),
-        use_rslora=adapter.use_rslora,
-        use_dora=adapter.use_dora,
-        task_type=TaskType.SEQ_CLS
+    task_type = (
+        TaskType.SEQ_CLS
         if train_head
-        else (TaskType.CAUSAL_LM if task == "causal_lm" else None),
+        else (TaskType.CAUSAL_LM if task == "causal_lm" else None)
     )
+    config: LoraConfig | VeraConfig
+    if adapter.peft_type == "vera":
+        config = VeraConfig(
+            r=r,
+            target_modules=lora_targets(model_cfg, adapter),
+            projection_prng_key=seed,
+            save_projection=True,
+            vera_dropout=adapter.dropout,
+            d_initial=adapter.vera_d_initial,
+            task_type=task_type,
+        )
+    else:
+        config = LoraConfig(
+            r=r,
+            lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # peft takes floats
+            lora_dropout=adapter.dropout,
+            target_modules=lora_targets(model_cfg, adapter),
+            use_rslora=adapter.use_rslora,
+            use_dora=adapter.use_dora,
+            task_type=task_type,
+        )
     # Without SEQ_CLS, peft adds no modules_to_save: the head stays frozen.
     with torch.random.fork_rng():
         torch.manual_seed(seed)

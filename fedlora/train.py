@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from fedlora.config import ClientConfig, TrainConfig
 from fedlora.lm_loss import lm_loss, lm_loss_sum
-from fedlora.lora.state import factor_of, is_magnitude
+from fedlora.lora.state import factor_of, is_magnitude, is_vector
 from fedlora.lora.variants import VARIANTS
 
 Batch = dict[str, Tensor]
@@ -113,9 +113,10 @@ def step_rule(cfg: ClientConfig) -> StepRule:
 
         def transform(name: str, grad: Tensor) -> Tensor:
             factor = factor_of(name)
-            if factor is None or is_magnitude(name):  # the filter is for matrices
+            if factor is None or is_vector(name):  # the filter is for matrices
                 return grad
-            return lowpass_filter(grad, factor)
+            filtered: Tensor = lowpass_filter(grad, factor)
+            return filtered
 
     return StepRule(
         variant.factors_for_step,
@@ -154,8 +155,9 @@ def trainable_groups(
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups of the currently trainable parameters.
 
-    B gets ``lr_ratio_b`` times ``cfg.lr`` (LoRA+), every non-LoRA tensor (the task
-    head) ``lr_ratio_head`` times, A and DoRA's magnitude ``cfg.lr``.
+    B and VeRA's ``lambda_b`` get ``lr_ratio_b`` times ``cfg.lr`` (LoRA+), every
+    non-LoRA tensor (the task head) ``lr_ratio_head`` times, A, VeRA's
+    ``lambda_d`` and DoRA's magnitude ``cfg.lr``.
 
     Each group carries ``names`` and ``base_lr`` (the schedule multiplies it).
     """

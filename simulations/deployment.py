@@ -262,8 +262,7 @@ class LocalDeployment:
                     return proc
                 if time.monotonic() > deadline:  # the with block stops it
                     raise RuntimeError(
-                        f"site {site} did not connect within {timeout:.0f} s; "
-                        f"see {log}"
+                        f"site {site} did not connect within {timeout:.0f} s; see {log}"
                     )
                 time.sleep(0.2)
             if time.monotonic() > deadline:

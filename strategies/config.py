@@ -134,6 +134,14 @@ class ExperimentConfig(ClientConfig):
                 "encrypted B columns (she_lora) have no DoRA counterpart; use "
                 "strategy=fedavg"
             )
+        if self.adapter.peft_type == "vera" and self.strategy.name != "fedavg":
+            raise ConfigError(
+                f"adapter.peft_type=vera with strategy={self.strategy.name}: VeRA "
+                "sends vectors over projections every site shares, so there are no "
+                "per-client ranks to pad, stack or re-factorise (hetlora, flora, "
+                "flexlora) and no A columns to encrypt (she_lora); use "
+                "strategy=fedavg"
+            )
         plain = self.strategy.server_momentum == 0 and self.strategy.server_lr == 1
         if not plain and (
             self.strategy.name != "fedavg" or self.adapter.variant not in SERVER_STEP

@@ -295,6 +295,14 @@ class ClientConfig:
                     "takes the LoRA factors as keyword arguments, which its hooks do "
                     "not see); use DoRA without DP, or DP with plain LoRA"
                 )
+            if self.adapter.peft_type == "vera":
+                raise ConfigError(
+                    "privacy.mode='dp' with adapter.peft_type=vera: Opacus computes "
+                    "per-sample gradients per module, and peft keeps VeRA's vectors "
+                    "in ParameterDicts that have no forward of their own, so their "
+                    "per-sample gradients are not seen; use VeRA without DP, or DP "
+                    "with peft_type=lora"
+                )
             if self.model.gradient_checkpointing:
                 raise ConfigError(
                     "privacy.mode='dp' with model.gradient_checkpointing=true: Opacus "

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from fedlora.config.flat import ConfigError, check_choice, check_range, field_help
 from fedlora.lora.variants import VARIANTS
 
+PEFT_TYPES = ("lora", "vera")
+
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -21,7 +23,20 @@ class AdapterConfig:
             )
         ),
     )
-    rank: int = field(default=8, metadata=field_help("LoRA rank r."))
+    peft_type: str = field(
+        default="lora",
+        metadata=field_help(
+            "Adapter family: lora (B A per matrix, with use_dora/use_rslora), or "
+            "vera [Kopiczko et al., ICLR 2024] (peft VeraConfig): random A and B "
+            "shared by all matrices, regenerated at every site from the run seed "
+            "and never sent; only the vectors lambda_d (r) and lambda_b (d_out) "
+            "per matrix are trained and sent. VeRA ignores alpha."
+        ),
+    )
+    rank: int = field(
+        default=8,
+        metadata=field_help("LoRA rank r (VeRA: rank of the shared projections)."),
+    )
     alpha: float = field(
         default=16.0, metadata=field_help("LoRA alpha; scale = alpha/r.")
     )
@@ -45,6 +60,10 @@ class AdapterConfig:
             "W' = m * (W + s B A) / ||W + s B A|| per output row; the magnitude m "
             "(d_out per matrix) is trained, sent and averaged with B."
         ),
+    )
+    vera_d_initial: float = field(
+        default=0.1,
+        metadata=field_help("VeRA: initial value of every lambda_d (peft d_initial)."),
     )
     train_head: bool = field(
         default=True,
@@ -74,11 +93,21 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         check_choice("adapter.variant", self.variant, VARIANTS.names())
+        check_choice("adapter.peft_type", self.peft_type, PEFT_TYPES)
         check_range("adapter.rank", self.rank, low=1)
+        check_range("adapter.vera_d_initial", self.vera_d_initial, low=0, low_open=True)
         check_range("adapter.alpha", self.alpha, low=0, low_open=True)
         check_range("adapter.dropout", self.dropout, low=0, high=1, high_open=True)
         check_range("adapter.lr_ratio_b", self.lr_ratio_b, low=0, low_open=True)
         check_range("adapter.lr_ratio_head", self.lr_ratio_head, low=0, low_open=True)
+        options = {"use_dora": self.use_dora, "use_rslora": self.use_rslora}
+        lora_only = [f"adapter.{n}=true" for n, on in options.items() if on]
+        if self.peft_type == "vera" and lora_only:
+            raise ConfigError(
+                f"adapter.peft_type=vera with {' and '.join(lora_only)}: DoRA and "
+                "rsLoRA are options of LoRA's B A; VeRA scales shared projections by "
+                "trained vectors. Use peft_type=lora for them"
+            )
         if "all-linear" in self.target_modules and len(self.target_modules) > 1:
             raise ConfigError(
                 f"adapter.target_modules={list(self.target_modules)}: 'all-linear' "

@@ -30,6 +30,10 @@ B_SUFFIX = ".lora_B.weight"  # key suffix of B: (d_out, r)
 
 
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's m: (d_out,), a key's last part
+VERA_D = "vera_lambda_d"  # VeRA's lambda_d: (r,) per matrix, scales A's rows
+VERA_B = "vera_lambda_b"  # VeRA's lambda_b: (d_out,) per matrix, zero at the start
+PROJECTION = "projection"  # factor_of VeRA's shared A (r, max d_in), B (max d_out, r)
+_PROJECTION_KEYS = (".vera_A", ".vera_B")  # "base_model.vera_A" in the state
 
 
 def is_magnitude(key: str) -> bool:
@@ -37,17 +41,32 @@ def is_magnitude(key: str) -> bool:
     return f".{MAGNITUDE}" in key
 
 
+def is_vector(key: str) -> bool:
+    """Whether ``key`` is a trained vector: DoRA's magnitude or VeRA's lambdas."""
+    return is_magnitude(key) or f".{VERA_D}" in key or f".{VERA_B}" in key
+
+
 def factor_of(key: str) -> str | None:
-    """``"lora_A"``/``"lora_B"`` for a LoRA factor key, None for other tensors.
+    """``"lora_A"``/``"lora_B"`` for a trained factor, ``PROJECTION``, or None.
 
     DoRA's magnitude vector ``m`` (``(d_out,)``, one per adapted matrix) counts as
     ``"lora_B"``: it is trained, sent and scheduled with B (FFA-LoRA trains and
     sends B and m, RoLoRA both in its B rounds, LA-LoRA both on its B steps). At
     the start ``B = 0`` and ``m = ||W||`` row-wise, so the update starts with the
     pair that moves the model.
+
+    VeRA's update is ``diag(lambda_b) B diag(lambda_d) A``: ``lambda_b`` (zero at
+    the start, beside the output like B) is ``"lora_B"`` and ``lambda_d`` is
+    ``"lora_A"``, so FFA-LoRA trains ``lambda_b`` alone, where averaging is exact.
+    VeRA's shared projections are ``PROJECTION``: never trained or sent, every site
+    regenerates them and the server fingerprints them. None: the task head.
     """
-    if is_magnitude(key):
+    if is_magnitude(key) or f".{VERA_B}" in key:
         return "lora_B"
+    if f".{VERA_D}" in key:
+        return "lora_A"
+    if key.endswith(_PROJECTION_KEYS) or any(f"{p}." in key for p in _PROJECTION_KEYS):
+        return PROJECTION
     for factor in ("lora_A", "lora_B"):
         if f".{factor}." in key:
             return factor
@@ -86,7 +105,10 @@ def adapter_state(model: PeftModel) -> StateDict:
 
 
 def select(state: Mapping[str, Tensor], factors: Iterable[str]) -> StateDict:
-    """Keep the given LoRA factors and every non-factor tensor (the head)."""
+    """Keep the given LoRA factors and every non-factor tensor (the head).
+
+    VeRA's shared projections are kept only if ``PROJECTION`` is in ``factors``.
+    """
     keep = set(factors)
     return {
         k: v for k, v in state.items() if factor_of(k) in keep or factor_of(k) is None
@@ -116,7 +138,9 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, Tensor]) -> None:
     ]
     if bad:
         raise ValueError("Adapter shape mismatch: " + "; ".join(bad[:5]))
-    result = set_peft_model_state_dict(model, dict(state))
+    # peft loads VeRA only with its projections; they never travel (fingerprinted)
+    shared = {k: v for k, v in current.items() if factor_of(k) == PROJECTION}
+    result = set_peft_model_state_dict(model, {**shared, **state})
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise KeyError(f"peft did not load adapter keys: {unexpected[:5]}")

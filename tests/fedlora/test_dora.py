@@ -12,17 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from replies import adapter_reply
 from tiny_configs import tiny_config
 
-from fedlora import protocol as proto
 from fedlora.cache import model_bundle
 from fedlora.client.round import train_round
 from fedlora.client.site import SiteConfig
@@ -53,7 +45,7 @@ def _cfg(variant: str = "lora", **extra: object):  # type: ignore[no-untyped-def
             "adapter.use_dora": True,
             "adapter.variant": variant,
             "adapter.rank": 3,
-            "adapter.target_modules": ("q_proj", "up_proj"),  # 64->64, 64->256
+            "adapter.target_modules": ("q_proj", "up_proj"),  # 64->64, 64->128
             "federation.clients": CLIENTS,
             "federation.local_steps": 5,
             "train.batch_size": 4,
@@ -71,23 +63,6 @@ def _train(variant: str, start: dict[str, torch.Tensor]):  # type: ignore[no-unt
     return [
         train_round(cfg, SiteConfig(i, CLIENTS), 1, sent, fp) for i in range(CLIENTS)
     ]
-
-
-def _reply(node: int, state: dict[str, torch.Tensor], n: int) -> Message:
-    sent = Message(
-        RecordDict({"config": ConfigRecord()}),
-        dst_node_id=node,
-        message_type=MessageType.TRAIN,
-    )
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(state),
-            "metrics": MetricRecord(
-                {proto.NUM_EXAMPLES: n, "train-loss": 1.0, "train-seconds": 0.1}
-            ),
-        }
-    )
-    return Message(content, reply_to=sent)
 
 
 def _dora_weight(
@@ -156,7 +131,7 @@ def test_dora_clients_send_a_b_and_m_and_the_server_merges_each_as_the_mean() ->
     merged_record, _ = strategy.aggregate_train(
         1,
         [
-            _reply(i + 1, o.state, n)
+            adapter_reply(i + 1, o.state, n)
             for i, (o, n) in enumerate(zip(outs, weights, strict=True))
         ],
     )
@@ -179,7 +154,7 @@ def test_dora_clients_send_a_b_and_m_and_the_server_merges_each_as_the_mean() ->
         )
         update = (ideal - w.double()).norm()
         gaps.append(float((_state_weight(merged, name, w, s) - ideal).norm() / update))
-    assert all(gap > 0 for gap in gaps), gaps  # not exact (benchmarks/dora_merge.py)
+    assert all(gap > 0 for gap in gaps), gaps  # not exact (benchmarks/family_merge.py)
 
 
 def test_ffa_with_dora_trains_b_and_the_magnitude_only() -> None:

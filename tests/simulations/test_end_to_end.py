@@ -253,11 +253,20 @@ def test_a_run_without_held_out_data_trains_and_saves_the_adapter(
     assert not _leftovers(run_dir)
 
 
-def test_a_qdora_federation_exports_an_adapter_peft_loads_to_the_same_loss(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        ({"adapter.use_dora": True}, {"use_dora": True, "peft_type": "LORA"}),
+        ({"adapter.peft_type": "vera"}, {"save_projection": True, "peft_type": "VERA"}),
+    ],
+    ids=["qdora", "qvera"],
+)
+def test_a_lora_family_federation_exports_an_adapter_peft_loads_to_the_same_loss(
+    tmp_path: Path, family: dict[str, object], expected: dict[str, object]
 ) -> None:
-    """DoRA on the NF4 tiny Llama: A, B and m travel; the final adapter, loaded by
-    ``PeftModel.from_pretrained`` on a fresh base, gives the server's last loss."""
+    """QDoRA (A, B and m travel) and QVeRA (two vectors per matrix travel, the
+    projections are regenerated) on the NF4 tiny Llama: the final adapter, loaded
+    by ``PeftModel.from_pretrained`` on a fresh base, gives the server's last loss."""
     from peft import PeftModel
 
     from fedlora.models import load_base_model
@@ -269,7 +278,7 @@ def test_a_qdora_federation_exports_an_adapter_peft_loads_to_the_same_loss(
         "data.source": "synthetic_instruct",
         "data.task": "causal_lm",
         "data.num_examples": 200,
-        "adapter.use_dora": True,
+        **family,
         "federation.clients": 2,
         "federation.rounds": 2,
         "federation.local_steps": 3,
@@ -284,7 +293,7 @@ def test_a_qdora_federation_exports_an_adapter_peft_loads_to_the_same_loss(
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1]["bytes_up"] > 0
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
-    assert config["use_dora"] is True
+    assert {k: config[k] for k in expected} == expected
     summary = json.loads((run_dir / "summary.json").read_text())
     with (run_dir / "run_config.toml").open("rb") as fh:  # the run's own config
         cfg = ExperimentConfig.from_run_config(tomllib.load(fh))

@@ -1,8 +1,8 @@
 """Hand-built adapter states and train replies for the rank-aware strategy tests.
 
 Shared by the HetLoRA, FlexLoRA / FLoRA and SHE-LoRA tests: random LoRA states at
-a given rank, a reply Message to a train instruction, its metrics record, and the
-reply a SHE-LoRA ClientApp would send (through the real ``sealed_reply``).
+a given rank and the reply a SHE-LoRA ClientApp would send (through the real
+``sealed_reply``); ``train_reply`` and ``train_metrics`` come from ``replies``.
 """
 
 from __future__ import annotations
@@ -10,14 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from replies import train_metrics, train_reply
 from torch import Tensor
 
 from fedlora.client.she import sealed_reply
@@ -50,23 +44,6 @@ def lora_state(
             torch.zeros(m, rank) if zero_b else torch.randn(m, rank, generator=g)
         )
     return state
-
-
-def train_metrics(n: int, **extra: float) -> MetricRecord:
-    """A client's train metrics for ``n`` local examples."""
-    return MetricRecord(
-        {"num-examples": n, "train-loss": 1.0, "train-seconds": 0.1, **extra}
-    )
-
-
-def train_reply(node: int, content: RecordDict) -> Message:
-    """``content`` as node ``node``'s reply to a train instruction."""
-    sent = Message(
-        RecordDict({"config": ConfigRecord()}),
-        dst_node_id=node,
-        message_type=MessageType.TRAIN,
-    )
-    return Message(content, reply_to=sent)
 
 
 def she_reply(

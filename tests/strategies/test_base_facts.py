@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_configs import tiny_config
 
+from fedlora.lora.state import PROJECTION, factor_of
 from strategies.server.evaluator import (
     BaseFactsOnly,
     CentralEvaluator,
@@ -20,7 +21,7 @@ from strategies.server.evaluator import (
 )
 
 CASES = {
-    # unequal d_in / d_out (q_proj 64 -> 64, up_proj 64 -> 256), odd rank
+    # unequal d_in / d_out (q_proj 64 -> 64, up_proj 64 -> 128), odd rank
     "causal_lm": tiny_config(
         "causal_lm",
         {
@@ -33,6 +34,16 @@ CASES = {
     "dora": tiny_config(
         "causal_lm",
         {"data.num_examples": 120, "adapter.rank": 3, "adapter.use_dora": True},
+    ),
+    # VeRA: the shared projections (seeded) and d_initial must match bit for bit
+    "vera": tiny_config(
+        "causal_lm",
+        {
+            "data.num_examples": 120,
+            "adapter.rank": 3,
+            "adapter.peft_type": "vera",
+            "adapter.target_modules": ("q_proj", "up_proj"),
+        },
     ),
     # a trained task head rides along with the LoRA factors
     "classification": tiny_config(
@@ -59,11 +70,14 @@ def test_child_facts_equal_the_in_process_model_and_save_the_same_directory(
     initial, expected = child.initial_state(), here.initial_state()
     assert set(initial) == set(expected)
     assert all(torch.equal(initial[k], expected[k]) for k in expected)
-    assert any(t.abs().sum() > 0 for k, t in initial.items() if "lora_A" in k)
+    random = ("lora_A", PROJECTION)  # A, or VeRA's shared projections
+    assert any(t.abs().sum() > 0 for k, t in initial.items() if factor_of(k) in random)
     if task == "classification":
         assert any("lora_" not in k for k in initial)  # the head
     if task == "dora":
         assert any(k.endswith("lora_magnitude_vector") for k in initial)
+    if task == "vera":
+        assert {factor_of(k) for k in initial} == {"lora_A", "lora_B", PROJECTION}
     # a trained-looking adapter, saved by both: the same files, byte for byte
     gen = torch.Generator().manual_seed(1)
     state = {k: torch.randn(v.shape, generator=gen) for k, v in expected.items()}
