@@ -15,7 +15,7 @@ import torch
 
 from fedlora import data as fdata
 from fedlora.config import AdapterConfig, ClientConfig, DataConfig, ModelConfig
-from fedlora.lora.state import factor_of
+from fedlora.lora.state import StateDict, factor_of, load_adapter_state
 from fedlora.models import (
     load_base_model,
     load_tokenizer,
@@ -56,20 +56,67 @@ def _bundle(
 ) -> ModelBundle:
     global _BUILDS
     _BUILDS += 1
-    base = load_base_model(model_cfg, task=task, num_labels=num_labels, seed=seed)
+    residual = pissa_location(model_cfg, adapter_cfg, task, num_labels, seed, rank)
+    base = load_base_model(
+        model_cfg, task=task, num_labels=num_labels, seed=seed, location=residual
+    )
     model = wrap_lora(base, model_cfg, adapter_cfg, task=task, seed=seed, rank=rank)
+    if residual is not None:
+        from fedlora.lora.pissa import initial_factors
+
+        load_adapter_state(model, initial_factors(residual))
     return ModelBundle(model, load_tokenizer(model_cfg), resolve_device(model_cfg))
+
+
+def pissa_location(
+    model_cfg: ModelConfig,
+    adapter_cfg: AdapterConfig,
+    task: str,
+    num_labels: int,
+    seed: int,
+    rank: int,
+) -> str | None:
+    """PiSSA's residual base directory for this model (None without PiSSA).
+
+    Raises
+    ------
+    ValueError
+        For a rank other than ``adapter.rank``: each rank has its own residual.
+    """
+    if adapter_cfg.init != "pissa":
+        return None
+    if rank != adapter_cfg.rank:
+        raise ValueError(
+            f"adapter.init=pissa builds the residual base for adapter.rank="
+            f"{adapter_cfg.rank}; this client's rank is {rank}"
+        )
+    from fedlora.lora.pissa import pissa_base
+
+    return pissa_base(
+        model_cfg, adapter_cfg, task=task, num_labels=num_labels, seed=seed
+    )
+
+
+def initial_pissa_factors(cfg: ClientConfig) -> StateDict:
+    """Return the run's initial PiSSA factors (empty without PiSSA), from the cache."""
+    from fedlora.lora.pissa import initial_factors
+
+    labels = _labels(cfg)
+    args = (cfg.model, cfg.adapter, cfg.data.task, labels, cfg.seed, cfg.adapter.rank)
+    location = pissa_location(*args)
+    return initial_factors(location) if location else {}
 
 
 def model_bundle(cfg: ClientConfig, rank: int | None = None) -> ModelBundle:
     """Return the cached LoRA model for ``cfg`` (one per process and config)."""
-    labels = (
-        fdata.num_labels(cfg.data, seed=cfg.seed)
-        if cfg.data.task == "classification"
-        else 0
-    )
     r = cfg.adapter.rank if rank is None else rank
-    return _bundle(cfg.model, cfg.adapter, cfg.data.task, labels, cfg.seed, r)
+    return _bundle(cfg.model, cfg.adapter, cfg.data.task, _labels(cfg), cfg.seed, r)
+
+
+def _labels(cfg: ClientConfig) -> int:
+    if cfg.data.task != "classification":
+        return 0
+    return fdata.num_labels(cfg.data, seed=cfg.seed)
 
 
 def set_trainable(model: PeftModel, factors: frozenset[str], train_head: bool) -> None:

@@ -108,16 +108,22 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def load_base_model(
-    cfg: ModelConfig, *, task: str, num_labels: int, seed: int
+    cfg: ModelConfig,
+    *,
+    task: str,
+    num_labels: int,
+    seed: int,
+    location: str | None = None,
 ) -> PreTrainedModel:
     """Load the frozen base model, quantised as configured, on its device.
 
     ``seed`` fixes the init of weights missing from the checkpoint (e.g. a
     classification head), which every client must build identically.
+    ``location`` replaces the preset's weights (PiSSA's residual base).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    location, _ = weights_location(cfg)
+    location = location or weights_location(cfg)[0]
     device = resolve_device(cfg)
     kwargs: dict[str, Any] = {"quantization_config": quantization_config(cfg)}
     if cfg.quantization == "none":  # full precision in the compute dtype

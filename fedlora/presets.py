@@ -108,7 +108,7 @@ def _tiny_llama_dir(cfg: ModelConfig) -> str:
     with torch.random.fork_rng():
         torch.manual_seed(TINY_LLAMA_SEED)
         model = LlamaForCausalLM(config)
-    _publish(target, model.save_pretrained)
+    publish(target, model.save_pretrained)
     return str(target)
 
 
@@ -165,11 +165,11 @@ def _smollm2_dir(cfg: ModelConfig) -> str:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    _publish(target, write)
+    publish(target, write)
     return str(target)
 
 
-def _publish(target: Path, write: Callable[[Path], object]) -> None:
+def publish(target: Path, write: Callable[[Path], object]) -> None:
     """Write into a temp dir, then rename: several processes may build at once."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))

@@ -134,6 +134,12 @@ class ExperimentConfig(ClientConfig):
                 "encrypted B columns (she_lora) have no DoRA counterpart; use "
                 "strategy=fedavg"
             )
+        if self.adapter.init == "pissa" and self.strategy.name != "fedavg":
+            raise ConfigError(
+                f"adapter.init=pissa with strategy={self.strategy.name}: each rank "
+                "has its own residual base W - s B A, and the rank-aware strategies "
+                "and SHE-LoRA merge adapters of several ranks; use strategy=fedavg"
+            )
         if self.adapter.peft_type == "vera" and self.strategy.name != "fedavg":
             raise ConfigError(
                 f"adapter.peft_type=vera with strategy={self.strategy.name}: VeRA "

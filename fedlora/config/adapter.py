@@ -8,6 +8,7 @@ from fedlora.config.flat import ConfigError, check_choice, check_range, field_he
 from fedlora.lora.variants import VARIANTS
 
 PEFT_TYPES = ("lora", "vera")
+INITS = ("default", "pissa")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,15 @@ class AdapterConfig:
             "(d_out per matrix) is trained, sent and averaged with B."
         ),
     )
+    init: str = field(
+        default="default",
+        metadata=field_help(
+            "LoRA initialisation: default (A random from the seed, B zero), or "
+            "pissa (PiSSA / FeDeRA: A and B from the top-r singular vectors of "
+            "each adapted W, which becomes the residual W - s B A; float64 SVD, "
+            "residual cached once per site, quantised to NF4 when the base is)."
+        ),
+    )
     vera_d_initial: float = field(
         default=0.1,
         metadata=field_help("VeRA: initial value of every lambda_d (peft d_initial)."),
@@ -94,6 +104,7 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         check_choice("adapter.variant", self.variant, VARIANTS.names())
         check_choice("adapter.peft_type", self.peft_type, PEFT_TYPES)
+        check_choice("adapter.init", self.init, INITS)
         check_range("adapter.rank", self.rank, low=1)
         check_range("adapter.vera_d_initial", self.vera_d_initial, low=0, low_open=True)
         check_range("adapter.alpha", self.alpha, low=0, low_open=True)
@@ -107,6 +118,12 @@ class AdapterConfig:
                 f"adapter.peft_type=vera with {' and '.join(lora_only)}: DoRA and "
                 "rsLoRA are options of LoRA's B A; VeRA scales shared projections by "
                 "trained vectors. Use peft_type=lora for them"
+            )
+        if self.init == "pissa" and (self.peft_type != "lora" or self.use_dora):
+            other = "peft_type=vera" if self.peft_type != "lora" else "use_dora=true"
+            raise ConfigError(
+                f"adapter.init=pissa with adapter.{other}: PiSSA initialises LoRA's "
+                "B A from the SVD of W; use it with peft_type=lora and use_dora=false"
             )
         if "all-linear" in self.target_modules and len(self.target_modules) > 1:
             raise ConfigError(

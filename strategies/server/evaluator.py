@@ -26,10 +26,17 @@ from flwr.app import ConfigRecord
 from flwr.common.logger import log
 
 from fedlora import protocol as proto
-from fedlora.cache import collator, heldout_dataset, model_bundle
+from fedlora.cache import (
+    collator,
+    heldout_dataset,
+    initial_pissa_factors,
+    model_bundle,
+)
+from fedlora.config import AdapterConfig
 from fedlora.config.flat import flatten_config
 from fedlora.fingerprint import base_fingerprint
 from fedlora.generation import with_generation
+from fedlora.lora.pissa import export_for_original_base
 from fedlora.lora.residual import Residual, set_residual, write_residual_adapter
 from fedlora.lora.state import StateDict, load_adapter_state
 from fedlora.train import EvalResult, evaluate
@@ -110,6 +117,9 @@ class CentralEvaluator:
         self.bundle.model.save_pretrained(str(path))
         if residual:
             write_residual_adapter(path, residual)
+        if self.cfg.adapter.init == "pissa":  # trained on the residual base
+            initial = initial_pissa_factors(self.cfg)
+            export_for_original_base(path, self.cfg.adapter, initial)
 
 
 class ServerModel(Protocol):
@@ -155,8 +165,9 @@ def evaluates_centrally(cfg: ExperimentConfig, server_can_evaluate: bool) -> boo
 class BaseFactsOnly:
     """A server without central evaluation: base facts, no model (module docstring)."""
 
-    def __init__(self, facts: BaseFacts) -> None:
+    def __init__(self, facts: BaseFacts, adapter: AdapterConfig) -> None:
         self.facts = facts
+        self.adapter = adapter
 
     @classmethod
     def from_child(
@@ -176,7 +187,7 @@ class BaseFactsOnly:
             source,
             time.perf_counter() - start,
         )
-        return cls(facts)
+        return cls(facts, cfg.adapter)
 
     @property
     def has_data(self) -> bool:
@@ -204,6 +215,7 @@ class BaseFactsOnly:
         save_adapter_dir(Path(path), self.facts, state)
         if residual:
             write_residual_adapter(path, residual)
+        export_for_original_base(path, self.adapter, self.facts.initial)
 
 
 def server_model(

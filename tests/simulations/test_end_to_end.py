@@ -258,15 +258,21 @@ def test_a_run_without_held_out_data_trains_and_saves_the_adapter(
     [
         ({"adapter.use_dora": True}, {"use_dora": True, "peft_type": "LORA"}),
         ({"adapter.peft_type": "vera"}, {"save_projection": True, "peft_type": "VERA"}),
+        (  # trained on the residual base, exported for the original one
+            {"adapter.init": "pissa", "model.quantization": "none"},
+            {"r": 16, "lora_alpha": 32.0, "init_lora_weights": True},
+        ),
     ],
-    ids=["qdora", "qvera"],
+    ids=["qdora", "qvera", "pissa"],
 )
 def test_a_lora_family_federation_exports_an_adapter_peft_loads_to_the_same_loss(
     tmp_path: Path, family: dict[str, object], expected: dict[str, object]
 ) -> None:
-    """QDoRA (A, B and m travel) and QVeRA (two vectors per matrix travel, the
-    projections are regenerated) on the NF4 tiny Llama: the final adapter, loaded
-    by ``PeftModel.from_pretrained`` on a fresh base, gives the server's last loss."""
+    """QDoRA (A, B and m travel), QVeRA (two vectors per matrix travel, the
+    projections are regenerated) on the NF4 tiny Llama, and PiSSA (on the full
+    precision one, where its export is exact): the final adapter, loaded by
+    ``PeftModel.from_pretrained`` on a fresh original base, gives the server's last
+    loss."""
     from peft import PeftModel
 
     from fedlora.models import load_base_model

@@ -45,6 +45,16 @@ CASES = {
             "adapter.target_modules": ("q_proj", "up_proj"),
         },
     ),
+    # PiSSA: the residual base and the principal factors; saved for the original base
+    "pissa": tiny_config(
+        "causal_lm",
+        {
+            "data.num_examples": 120,
+            "adapter.rank": 3,
+            "adapter.init": "pissa",
+            "adapter.target_modules": ("q_proj", "up_proj"),
+        },
+    ),
     # a trained task head rides along with the LoRA factors
     "classification": tiny_config(
         "classification", {"data.num_examples": 120, "adapter.train_head": True}
@@ -76,6 +86,8 @@ def test_child_facts_equal_the_in_process_model_and_save_the_same_directory(
         assert any("lora_" not in k for k in initial)  # the head
     if task == "dora":
         assert any(k.endswith("lora_magnitude_vector") for k in initial)
+    if task == "pissa":
+        assert all(t.abs().sum() > 0 for t in initial.values())  # B too
     if task == "vera":
         assert {factor_of(k) for k in initial} == {"lora_A", "lora_B", PROJECTION}
     # a trained-looking adapter, saved by both: the same files, byte for byte
@@ -93,7 +105,14 @@ def test_child_facts_equal_the_in_process_model_and_save_the_same_directory(
             here_bytes, child_bytes = _config(here_bytes), _config(child_bytes)
         assert here_bytes == child_bytes, name
     saved = load_file(str(tmp_path / "child" / "adapter_model.safetensors"))
-    assert all(torch.equal(saved[k], state[k]) for k in state)
+    if task == "pissa":  # [B | -B0] [A; A0]: for the original base
+        for k, v in state.items():
+            r = v.shape[0] if k.endswith("lora_A.weight") else v.shape[1]
+            start = saved[k][:r] if k.endswith("lora_A.weight") else saved[k][:, :r]
+            rest = saved[k][r:] if k.endswith("lora_A.weight") else -saved[k][:, r:]
+            assert torch.equal(start, v) and torch.equal(rest, initial[k])
+    else:
+        assert all(torch.equal(saved[k], state[k]) for k in state)
     assert set(child.fields(state).values()) == {None}  # no central evaluation
 
 
