@@ -65,6 +65,13 @@ def _bundle(
         from fedlora.lora.pissa import initial_factors
 
         load_adapter_state(model, initial_factors(residual))
+    elif adapter_cfg.init == "loftq":
+        from fedlora.lora.loftq import loftq_factors
+
+        factors = loftq_factors(
+            model, model_cfg, adapter_cfg, task=task, num_labels=num_labels, seed=seed
+        )
+        load_adapter_state(model, factors)
     return ModelBundle(model, load_tokenizer(model_cfg), resolve_device(model_cfg))
 
 

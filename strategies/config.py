@@ -134,10 +134,11 @@ class ExperimentConfig(ClientConfig):
                 "encrypted B columns (she_lora) have no DoRA counterpart; use "
                 "strategy=fedavg"
             )
-        if self.adapter.init == "pissa" and self.strategy.name != "fedavg":
+        if self.adapter.init != "default" and self.strategy.name != "fedavg":
             raise ConfigError(
-                f"adapter.init=pissa with strategy={self.strategy.name}: each rank "
-                "has its own residual base W - s B A, and the rank-aware strategies "
+                f"adapter.init={self.adapter.init} with strategy="
+                f"{self.strategy.name}: the SVD initialisation (and PiSSA's residual "
+                "base W - s B A) is made for one rank, and the rank-aware strategies "
                 "and SHE-LoRA merge adapters of several ranks; use strategy=fedavg"
             )
         if self.adapter.peft_type == "vera" and self.strategy.name != "fedavg":

@@ -287,6 +287,13 @@ class ClientConfig:
                 f"ranks {above} above adapter.rank={self.adapter.rank}, the global "
                 f"(maximum) rank; set adapter.rank={max(above)} or lower those ranks"
             )
+        if self.adapter.init == "loftq" and self.model.quantization != "nf4":
+            raise ConfigError(
+                f"adapter.init=loftq with model.quantization={self.model.quantization}"
+                ": LoftQ fits the factors to the NF4 quantisation error; use "
+                "model.quantization=nf4, or adapter.init=pissa for a full-precision "
+                "base"
+            )
         if self.privacy.mode == "dp":
             if self.adapter.use_dora:
                 raise ConfigError(

@@ -8,7 +8,7 @@ from fedlora.config.flat import ConfigError, check_choice, check_range, field_he
 from fedlora.lora.variants import VARIANTS
 
 PEFT_TYPES = ("lora", "vera")
-INITS = ("default", "pissa")
+INITS = ("default", "pissa", "loftq")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,9 @@ class AdapterConfig:
             "LoRA initialisation: default (A random from the seed, B zero), or "
             "pissa (PiSSA / FeDeRA: A and B from the top-r singular vectors of "
             "each adapted W, which becomes the residual W - s B A; float64 SVD, "
-            "residual cached once per site, quantised to NF4 when the base is)."
+            "residual cached once per site, quantised to NF4 when the base is), "
+            "or loftq (LoftQ, NF4 base only: A and B from the top-r SVD of the "
+            "quantisation error W - NF4(W); the base stays the standard one)."
         ),
     )
     vera_d_initial: float = field(
@@ -119,11 +121,11 @@ class AdapterConfig:
                 "rsLoRA are options of LoRA's B A; VeRA scales shared projections by "
                 "trained vectors. Use peft_type=lora for them"
             )
-        if self.init == "pissa" and (self.peft_type != "lora" or self.use_dora):
+        if self.init != "default" and (self.peft_type != "lora" or self.use_dora):
             other = "peft_type=vera" if self.peft_type != "lora" else "use_dora=true"
             raise ConfigError(
-                f"adapter.init=pissa with adapter.{other}: PiSSA initialises LoRA's "
-                "B A from the SVD of W; use it with peft_type=lora and use_dora=false"
+                f"adapter.init={self.init} with adapter.{other}: it initialises "
+                "LoRA's B A from an SVD; use it with peft_type=lora and use_dora=false"
             )
         if "all-linear" in self.target_modules and len(self.target_modules) > 1:
             raise ConfigError(

@@ -61,8 +61,8 @@ def pissa_split(
     w = weight.detach().to("cpu", torch.float64)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     root = torch.sqrt(s[:rank] / scaling)
-    a = (root[:, None] * vh[:rank]).float()
-    b = (u[:, :rank] * root[None, :]).float()
+    a = (root[:, None] * vh[:rank]).float().contiguous()
+    b = (u[:, :rank] * root[None, :]).float().contiguous()
     residual = (w - scaling * (b.double() @ a.double())).float()
     return a, b, residual
 

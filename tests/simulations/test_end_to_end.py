@@ -262,15 +262,19 @@ def test_a_run_without_held_out_data_trains_and_saves_the_adapter(
             {"adapter.init": "pissa", "model.quantization": "none"},
             {"r": 16, "lora_alpha": 32.0, "init_lora_weights": True},
         ),
+        (  # the standard NF4 base; the factors fit its quantisation error
+            {"adapter.init": "loftq"},
+            {"r": 8, "peft_type": "LORA"},
+        ),
     ],
-    ids=["qdora", "qvera", "pissa"],
+    ids=["qdora", "qvera", "pissa", "loftq"],
 )
 def test_a_lora_family_federation_exports_an_adapter_peft_loads_to_the_same_loss(
     tmp_path: Path, family: dict[str, object], expected: dict[str, object]
 ) -> None:
     """QDoRA (A, B and m travel), QVeRA (two vectors per matrix travel, the
-    projections are regenerated) on the NF4 tiny Llama, and PiSSA (on the full
-    precision one, where its export is exact): the final adapter, loaded by
+    projections are regenerated) and LoftQ on the NF4 tiny Llama, and PiSSA (on
+    the full precision one, where its export is exact): the final adapter, loaded by
     ``PeftModel.from_pretrained`` on a fresh original base, gives the server's last
     loss."""
     from peft import PeftModel
