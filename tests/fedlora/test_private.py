@@ -153,6 +153,28 @@ def test_ffa_under_dp_noises_and_sends_only_b() -> None:
     assert all(not torch.equal(out.state[k], sent[k]) for k in sent)
 
 
+@pytest.mark.parametrize("init", ["pissa", "loftq"])
+def test_svd_initialisations_train_under_dp(init: str) -> None:
+    """PiSSA and LoftQ change only where A and B start: DP-SGD trains them as it
+    trains LoRA (here FFA: the SVD's A frozen, B noised and sent)."""
+    cfg = _cfg(
+        **{
+            "privacy.epsilon": 3.0,
+            "adapter.init": init,
+            "adapter.variant": "ffa",
+            "adapter.train_head": False,
+        }
+    )
+    start = adapter_state(model_bundle(cfg).model)
+    assert all(v.abs().sum() > 0 for v in start.values())  # B is not zero
+    sent = {k: v for k, v in start.items() if factor_of(k) == "lora_B"}
+    ledger = PrivacyLedger("rdp", 1e-5)
+    out = train_round(cfg, SiteConfig(0, 2), 1, sent, ledger=ledger)
+    assert ledger.steps == cfg.federation.local_steps
+    assert set(out.state) == set(sent)
+    assert all(not torch.equal(out.state[k], sent[k]) for k in sent)
+
+
 @pytest.mark.parametrize("variant", ["la_lora", "rolora"])
 def test_alternating_variants_train_under_dp(variant: str) -> None:
     cfg = _cfg(**{"privacy.epsilon": 3.0, "adapter.variant": variant})
