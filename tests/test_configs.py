@@ -283,3 +283,24 @@ def test_help_lists_every_choosable_group_and_option_defaults_first() -> None:
         assert options[0] == defaults[group], group
         assert sorted(options) == on_disk[group], group
         assert options[1:] == sorted(options[1:]), group
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["seed=3"], "sweep/seed=3"),
+        (["seed=3", "adapter.rank=4"], "sweep/adapter.rank=4/seed=3"),
+    ],
+)
+def test_a_sweep_job_folder_stays_inside_the_sweep_dir(
+    overrides: list[str], expected: str
+) -> None:
+    """A job whose only override is the seed (excluded from the folder name) got
+    ``/seed=N`` as its folder, which Hydra put at the file system's root."""
+    import os
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.job.override_dirname == ",".join(overrides[1:])
+    folder = os.path.normpath(os.path.join("sweep", cfg.hydra.sweep.subdir))
+    assert folder == expected
