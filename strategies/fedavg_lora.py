@@ -20,7 +20,15 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedlora import protocol as proto
 from fedlora.lora.residual import Residual
-from fedlora.lora.state import StateDict, fingerprint, from_record, select, to_record
+from fedlora.lora.state import (
+    PROJECTION,
+    StateDict,
+    factor_of,
+    fingerprint,
+    from_record,
+    select,
+    to_record,
+)
 from fedlora.lora.variants import VARIANTS, Variant
 from strategies.aggregation import merge_into, weighted_mean
 from strategies.client_reports import client_nodes, client_times, metric
@@ -76,6 +84,9 @@ def server_step(
     """
     new, moved = {}, {}
     for key, avg in average.items():
+        if factor_of(key) == PROJECTION:  # VeRA's shared projections never move
+            new[key] = old[key]
+            continue
         delta = avg.float() - old[key].float()
         prev = velocity.get(key)
         v = delta if prev is None else momentum * prev + delta
@@ -225,9 +236,19 @@ class FedAvgLora(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Federated evaluation: the global adapter in the transport dtype."""
-        wired = self.wire(from_record(arrays))
-        return super().configure_evaluate(server_round, wired, config, grid)
+        """Federated evaluation: the global adapter in the transport dtype.
+
+        Only what training sends travels (not FFA's A, not VeRA's projections):
+        a site evaluates with its own copy, checked against the fingerprint. Sent
+        in a 16-bit dtype, the frozen tensors would overwrite the site's exact ones
+        and fail the next round's check.
+        """
+        state = from_record(arrays)
+        down = select(state, self.variant.sends_down(server_round))
+        kept = [k for k in state if k not in down]
+        if kept:
+            config[proto.FROZEN_FINGERPRINT] = fingerprint(state, kept)
+        return super().configure_evaluate(server_round, self.wire(down), config, grid)
 
     def record_down(self, server_round: int, messages: list[Message]) -> None:
         """Count the sampled nodes and the serialised bytes sent to them."""

@@ -90,7 +90,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content.config_records[proto.CONFIG]
     check_site(cfg, site, context, str(config.get(proto.BASE_FINGERPRINT, "")))
     state, _ = she.open_message(msg, for_site(cfg, site), site, context.run_config)
-    result = evaluate_round(cfg, site, state, _residual(msg))
+    frozen = str(config.get(proto.FROZEN_FINGERPRINT, ""))
+    result = evaluate_round(cfg, site, state, _residual(msg), frozen)
     values = proto.evaluate_metrics(
         num_examples=result.num_examples,
         loss=result.loss,

@@ -25,6 +25,7 @@ from fedlora.generation import with_generation
 from fedlora.lora.residual import Residual, set_residual
 from fedlora.lora.state import (
     A_SUFFIX,
+    VERA_D,
     StateDict,
     adapter_state,
     fingerprint,
@@ -89,7 +90,8 @@ def for_site(cfg: ClientConfig, site: SiteConfig) -> ClientConfig:
 def check_rank(cfg: ClientConfig, received: Mapping[str, Tensor]) -> None:
     """Refuse factors of another rank with a message that names the fix."""
     for key, tensor in received.items():
-        if key.endswith(A_SUFFIX) and tensor.shape[0] != cfg.adapter.rank:
+        rank_axis = key.endswith(A_SUFFIX) or key.endswith(f".{VERA_D}")  # (r, ...)
+        if rank_axis and tensor.shape[0] != cfg.adapter.rank:
             raise ValueError(
                 f"the server sent rank-{tensor.shape[0]} LoRA factors but this site "
                 f"trains at rank {cfg.adapter.rank} (node-config rank / "
@@ -195,11 +197,17 @@ def evaluate_round(
     site: SiteConfig,
     global_state: Mapping[str, Tensor],
     residual: Residual | None = None,
+    frozen_fingerprint: str = "",
 ) -> EvalResult:
-    """Evaluate the global adapter (+ FLoRA residual) on this client's data."""
+    """Evaluate the global adapter (+ FLoRA residual) on this client's data.
+
+    ``frozen_fingerprint``: the server's fingerprint of the tensors it did not
+    send (FFA's A, VeRA's projections); this site evaluates with its own.
+    """
     cfg = for_site(cfg, site)
     check_rank(cfg, global_state)
     bundle = model_bundle(cfg)
+    check_frozen(bundle.model, global_state, frozen_fingerprint)
     set_residual(bundle.model, residual or {})
     load_adapter_state(bundle.model, global_state)
     data = partition_dataset(

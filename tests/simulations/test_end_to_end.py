@@ -257,7 +257,14 @@ def test_a_run_without_held_out_data_trains_and_saves_the_adapter(
     ("family", "expected"),
     [
         ({"adapter.use_dora": True}, {"use_dora": True, "peft_type": "LORA"}),
-        ({"adapter.peft_type": "vera"}, {"save_projection": True, "peft_type": "VERA"}),
+        (  # evaluated at the sites in bfloat16: the projections must not travel
+            {
+                "adapter.peft_type": "vera",
+                "federation.fraction_evaluate": 1.0,
+                "federation.transport_dtype": "bfloat16",
+            },
+            {"save_projection": True, "peft_type": "VERA"},
+        ),
         (  # trained on the residual base, exported for the original one
             {"adapter.init": "pissa", "model.quantization": "none"},
             {"r": 16, "lora_alpha": 32.0, "init_lora_weights": True},
@@ -301,6 +308,7 @@ def test_a_lora_family_federation_exports_an_adapter_peft_loads_to_the_same_loss
     )
     rows = _rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["clients"] for r in rows[1:]] == [2, 2]  # no site refused round 2
     assert rows[1]["bytes_up"] > 0
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert {k: config[k] for k in expected} == expected
