@@ -18,10 +18,11 @@ preset's files does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -167,6 +168,23 @@ def _smollm2_dir(cfg: ModelConfig) -> str:
 
     publish(target, write)
     return str(target)
+
+
+@contextlib.contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """Hold ``<target>.lock`` (flock): one process builds ``target``, others wait.
+
+    Re-check that ``target`` is still missing once inside; the lock file stays.
+    """
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def publish(target: Path, write: Callable[[Path], object]) -> None:

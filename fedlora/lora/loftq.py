@@ -25,15 +25,13 @@ base fingerprint hashes: a site whose NF4 weights differ is refused.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
 
-from fedlora.lora.pissa import FACTORS_FILE, pissa_split, residual_digest
+from fedlora.lora.pissa import FACTORS_FILE, init_key, pissa_split, residual_digest
 from fedlora.lora.state import A_SUFFIX, B_SUFFIX, StateDict
 
 if TYPE_CHECKING:
@@ -62,8 +60,11 @@ def quantised_layers(model: PeftModel) -> dict[str, tuple[Tensor, float]]:
         base = layer.get_base_layer()
         if base.weight.dtype not in (torch.uint8, torch.int8):
             raise ValueError(
-                f"{name}: LoftQ needs a quantised base (model.quantization=nf4), "
-                f"this layer's weight is {base.weight.dtype}"
+                f"{name}: LoftQ fits the quantisation error of every adapted layer, "
+                f"and this one is not quantised ({base.weight.dtype}); with "
+                "model.quantization=nf4 the layers bitsandbytes keeps in full "
+                "precision (the output head) cannot be LoftQ targets: leave them "
+                "out of adapter.target_modules"
             )
         weight = dequantize_module_weight(base).detach().to("cpu", torch.float32)
         out[name] = (weight, float(layer.scaling["default"]))
@@ -83,28 +84,6 @@ def loftq_split(
     return a, b
 
 
-def _key(
-    model_cfg: ModelConfig, adapter: AdapterConfig, task: str, labels: int, seed: int
-) -> str:
-    from fedlora.models import lora_targets, weights_location
-
-    parts = {
-        "weights": weights_location(model_cfg)[0],
-        "num_layers": model_cfg.num_layers,
-        "quantization": model_cfg.quantization,
-        "double_quant": model_cfg.double_quant,
-        "compute_dtype": model_cfg.compute_dtype,
-        "targets": lora_targets(model_cfg, adapter),
-        "rank": adapter.rank,
-        "alpha": adapter.alpha,
-        "rslora": adapter.use_rslora,
-        "task": task,
-        "labels": labels,
-        "seed": seed,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def loftq_factors(
     model: PeftModel,
     model_cfg: ModelConfig,
@@ -120,21 +99,41 @@ def loftq_factors(
     ``model.config`` (``fedlora_loftq_base``), so the base fingerprint covers them.
     The full-precision weights come from the same checkpoint loaded unquantised.
     """
-    from dataclasses import replace
-
-    from peft import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    from fedlora.presets import cache_dir, publish
+    from fedlora.presets import build_lock, cache_dir, publish
 
     layers = quantised_layers(model)
     digest = residual_digest({n: w for n, (w, _) in layers.items()})
     config = cast("PretrainedConfig", model.get_base_model().config)
     config.update({BASE_KEY: digest})
-    key = _key(model_cfg, adapter, task, num_labels, seed)
-    target = cache_dir() / f"loftq-{key}-{digest}"
-    if (target / FACTORS_FILE).exists():
-        return load_file(str(target / FACTORS_FILE))
+    key = init_key(model_cfg, adapter, task, num_labels, seed, loftq_base=digest)
+    target = cache_dir() / f"loftq-{key}"
+    with build_lock(target):  # one build per site: the others wait and reuse it
+        if not (target / FACTORS_FILE).exists():
+            factors = _fit(model, layers, model_cfg, adapter, task, num_labels, seed)
+
+            def write(tmp: Path) -> None:
+                save_file(factors, str(tmp / FACTORS_FILE), metadata={"format": "pt"})
+
+            publish(target, write)
+    return load_file(str(target / FACTORS_FILE))
+
+
+def _fit(
+    model: PeftModel,
+    layers: dict[str, tuple[Tensor, float]],
+    model_cfg: ModelConfig,
+    adapter: AdapterConfig,
+    task: str,
+    num_labels: int,
+    seed: int,
+) -> StateDict:
+    """Fit every adapted layer's factors to its error against the float32 model."""
+    from dataclasses import replace
+
+    from peft import get_peft_model_state_dict
+
     from fedlora.models import load_base_model
 
     full_cfg = replace(
@@ -153,10 +152,4 @@ def loftq_factors(
     unknown = sorted(set(factors) - keys)
     if unknown:
         raise KeyError(f"LoftQ factors for keys not in the adapter: {unknown[:3]}")
-    del full, originals
-
-    def write(tmp: Path) -> None:
-        save_file(factors, str(tmp / FACTORS_FILE), metadata={"format": "pt"})
-
-    publish(target, write)
     return factors

@@ -32,7 +32,6 @@ from fedlora.cache import (
     initial_pissa_factors,
     model_bundle,
 )
-from fedlora.config import AdapterConfig
 from fedlora.config.flat import flatten_config
 from fedlora.fingerprint import base_fingerprint
 from fedlora.generation import with_generation
@@ -119,7 +118,7 @@ class CentralEvaluator:
             write_residual_adapter(path, residual)
         if self.cfg.adapter.init == "pissa":  # trained on the residual base
             initial = initial_pissa_factors(self.cfg)
-            export_for_original_base(path, self.cfg.adapter, initial)
+            export_for_original_base(path, self.cfg.model, self.cfg.adapter, initial)
 
 
 class ServerModel(Protocol):
@@ -165,9 +164,9 @@ def evaluates_centrally(cfg: ExperimentConfig, server_can_evaluate: bool) -> boo
 class BaseFactsOnly:
     """A server without central evaluation: base facts, no model (module docstring)."""
 
-    def __init__(self, facts: BaseFacts, adapter: AdapterConfig) -> None:
+    def __init__(self, facts: BaseFacts, cfg: ExperimentConfig) -> None:
         self.facts = facts
-        self.adapter = adapter
+        self.cfg = cfg
 
     @classmethod
     def from_child(
@@ -187,7 +186,7 @@ class BaseFactsOnly:
             source,
             time.perf_counter() - start,
         )
-        return cls(facts, cfg.adapter)
+        return cls(facts, cfg)
 
     @property
     def has_data(self) -> bool:
@@ -215,7 +214,8 @@ class BaseFactsOnly:
         save_adapter_dir(Path(path), self.facts, state)
         if residual:
             write_residual_adapter(path, residual)
-        export_for_original_base(path, self.adapter, self.facts.initial)
+        initial = self.facts.initial
+        export_for_original_base(path, self.cfg.model, self.cfg.adapter, initial)
 
 
 def server_model(

@@ -108,10 +108,18 @@ def test_two_sites_build_the_same_factors_and_fingerprint(tmp_path: Path) -> Non
 
 
 def test_the_fingerprint_covers_the_quantised_weights() -> None:
-    loftq = model_bundle(_cfg()).model
-    assert loftq.get_base_model().config.to_dict()[BASE_KEY]
-    plain = model_bundle(_cfg(**{"adapter.init": "default"})).model
-    assert base_fingerprint(loftq) != base_fingerprint(plain)
+    """Double quantisation changes the NF4 weights but not the base's config or
+    its unquantised tensors: only LoftQ's digest tells the two bases apart."""
+    single = {"model.double_quant": False}
+    plain = [
+        base_fingerprint(model_bundle(_cfg(**{"adapter.init": "default", **o})).model)
+        for o in ({}, single)
+    ]
+    assert plain[0] == plain[1]  # the plain fingerprint cannot see NF4 weights
+    loftq = [model_bundle(_cfg(**o)).model for o in ({}, single)]
+    digests = [m.get_base_model().config.to_dict()[BASE_KEY] for m in loftq]
+    assert digests[0] != digests[1]
+    assert base_fingerprint(loftq[0]) != base_fingerprint(loftq[1])
 
 
 @pytest.mark.parametrize(

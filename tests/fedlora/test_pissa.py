@@ -73,7 +73,9 @@ def test_the_split_is_peft_pissa_init_in_float64(rslora: bool) -> None:
         a, b, res = pissa_split(w, 3, s)
         want_a = layer.lora_A["default"].weight.detach()
         want_b = layer.lora_B["default"].weight.detach()
-        sign = torch.sign((a * want_a).sum(dim=1))  # one sign per singular pair
+        # each pair's sign is fixed: the largest |entry| of B's column positive
+        assert (b.gather(0, b.abs().argmax(dim=0, keepdim=True)) > 0).all()
+        sign = torch.sign((a * want_a).sum(dim=1))  # peft leaves LAPACK's sign
         torch.testing.assert_close(a * sign[:, None], want_a, rtol=0, atol=2e-5)
         torch.testing.assert_close(b * sign[None, :], want_b, rtol=0, atol=2e-5)
         base = layer.get_base_layer().weight.detach()
@@ -178,13 +180,28 @@ def test_the_exported_lora_applies_to_the_original_base(tmp_path: Path) -> None:
         {name + A_SUFFIX: a1, name + B_SUFFIX: b1},
         str(tmp_path / "adapter_model.safetensors"),
     )
+    residual_dir = "/cache/pissa-0123"
     (tmp_path / "adapter_config.json").write_text(
-        json.dumps({"r": 2, "lora_alpha": 3.0, "init_lora_weights": "pissa"})
+        json.dumps(
+            {
+                "r": 2,
+                "lora_alpha": 3.0,
+                "init_lora_weights": "pissa",
+                "base_model_name_or_path": residual_dir,
+            }
+        )
     )
+    (tmp_path / "README.md").write_text(f"---\nbase_model: {residual_dir}\n---\n")
     initial = {name + A_SUFFIX: a0, name + B_SUFFIX: b0}
-    assert write_pissa_as_lora(tmp_path, initial, 2.0) == 4
+    assert write_pissa_as_lora(tmp_path, initial, 2.0, "org/original") == 4
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config == {"r": 4, "lora_alpha": 6.0, "init_lora_weights": True}
+    assert config == {
+        "r": 4,
+        "lora_alpha": 6.0,
+        "init_lora_weights": True,
+        "base_model_name_or_path": "org/original",  # not the residual base
+    }
+    assert "base_model: org/original" in (tmp_path / "README.md").read_text()
     got = load_file(str(tmp_path / "adapter_model.safetensors"))
     s2 = config["lora_alpha"] / config["r"]
     exported = w + s2 * got[name + B_SUFFIX].double() @ got[name + A_SUFFIX].double()

@@ -312,6 +312,9 @@ def test_a_lora_family_federation_exports_an_adapter_peft_loads_to_the_same_loss
     assert rows[1]["bytes_up"] > 0
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert {k: config[k] for k in expected} == expected
+    card = (run_dir / "adapter" / "README.md").read_text()
+    for named in (config["base_model_name_or_path"], card):  # the original base
+        assert "pissa-" not in named
     summary = json.loads((run_dir / "summary.json").read_text())
     with (run_dir / "run_config.toml").open("rb") as fh:  # the run's own config
         cfg = ExperimentConfig.from_run_config(tomllib.load(fh))
