@@ -15,7 +15,12 @@ import torch
 
 from fedlora import data as fdata
 from fedlora.config import AdapterConfig, ClientConfig, DataConfig, ModelConfig
-from fedlora.lora.state import StateDict, factor_of, load_adapter_state
+from fedlora.lora.state import (
+    StateDict,
+    adapter_state,
+    factor_of,
+    load_adapter_state,
+)
 from fedlora.models import (
     load_base_model,
     load_tokenizer,
@@ -61,17 +66,19 @@ def _bundle(
         model_cfg, task=task, num_labels=num_labels, seed=seed, location=residual
     )
     model = wrap_lora(base, model_cfg, adapter_cfg, task=task, seed=seed, rank=rank)
+    factors: StateDict = {}
     if residual is not None:
         from fedlora.lora.pissa import initial_factors
 
-        load_adapter_state(model, initial_factors(residual))
+        factors = initial_factors(residual)
     elif adapter_cfg.init == "loftq":
         from fedlora.lora.loftq import loftq_factors
 
         factors = loftq_factors(
             model, model_cfg, adapter_cfg, task=task, num_labels=num_labels, seed=seed
         )
-        load_adapter_state(model, factors)
+    if factors:  # the whole state: peft cannot load a trained head's absence
+        load_adapter_state(model, {**adapter_state(model), **factors})
     return ModelBundle(model, load_tokenizer(model_cfg), resolve_device(model_cfg))
 
 

@@ -208,6 +208,22 @@ def test_the_exported_lora_applies_to_the_original_base(tmp_path: Path) -> None:
     torch.testing.assert_close(exported, res + s * b1.double() @ a1.double())
 
 
+@pytest.mark.parametrize("init", ["pissa", "loftq"])
+def test_a_classifier_with_a_trained_head_starts_from_the_svd_factors(
+    init: str,
+) -> None:
+    """The head (peft modules_to_save) is in the adapter but not in the factors:
+    loading the factors alone made peft fail (KeyError on the classifier)."""
+    cfg = tiny_config(
+        "classification",
+        {"adapter.init": init, "adapter.rank": 3, "adapter.train_head": True},
+    )
+    state = adapter_state(model_bundle(cfg).model)
+    assert any("classifier" in k or "score" in k for k in state)
+    b = [v for k, v in state.items() if k.endswith(B_SUFFIX)]
+    assert b and all(v.abs().sum() > 0 for v in b)  # not LoRA's zero B
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
