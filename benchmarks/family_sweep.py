@@ -18,6 +18,9 @@ Tasks: ``default`` (the default job: MiniLM NF4, synthetic 4-class, 8 clients,
 20 rounds x 5 steps, head ratio 3, logit adjustment)::
 
     python -m benchmarks.family_sweep --task default [--members lora vera ...]
+
+``--report-only`` writes the report of the sweep directory as it is (members run
+separately, or a sweep stopped part way).
 """
 
 from __future__ import annotations
@@ -100,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sst2", type=Path, default=None)
     parser.add_argument("--members", nargs="+", default=None)
     parser.add_argument("--sweep-dir", type=Path, default=None)
+    parser.add_argument(
+        "--report-only", action="store_true", help="report the sweep dir as it is"
+    )
     parser.add_argument("--out", type=str, default=None, help="result file")
     args = parser.parse_args(argv)
     from simulations.report import find_jobs, summarize, to_markdown
@@ -108,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     chosen = args.members or list(table)
     sweep = args.sweep_dir or Path("multirun") / f"lora-family-{args.task}"
     shared = task_overrides(args.task, args.sst2)
-    seconds = {m: run_member(sweep, shared, table[m]) for m in chosen}
+    seconds = {}
+    if not args.report_only:
+        seconds = {m: run_member(sweep, shared, table[m]) for m in chosen}
     jobs = find_jobs(sweep)
     result: dict[str, Any] = {
         "task": args.task,
