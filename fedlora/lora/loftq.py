@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import Tensor
 
-from fedlora.lora.pissa import FACTORS_FILE, init_key, pissa_split, residual_digest
+from fedlora.lora.pissa import (
+    FACTORS_FILE,
+    float32_on_cpu,
+    init_key,
+    pissa_split,
+    residual_digest,
+)
 from fedlora.lora.state import A_SUFFIX, B_SUFFIX, StateDict
 
 if TYPE_CHECKING:
@@ -109,6 +115,8 @@ def loftq_factors(
     config.update({BASE_KEY: digest})
     key = init_key(model_cfg, adapter, task, num_labels, seed, loftq_base=digest)
     target = cache_dir() / f"loftq-{key}"
+    if (target / FACTORS_FILE).exists():
+        return load_file(str(target / FACTORS_FILE))
     with build_lock(target):  # one build per site: the others wait and reuse it
         if not (target / FACTORS_FILE).exists():
             factors = _fit(model, layers, model_cfg, adapter, task, num_labels, seed)
@@ -130,15 +138,11 @@ def _fit(
     seed: int,
 ) -> StateDict:
     """Fit every adapted layer's factors to its error against the float32 model."""
-    from dataclasses import replace
-
     from peft import get_peft_model_state_dict
 
     from fedlora.models import load_base_model
 
-    full_cfg = replace(
-        model_cfg, quantization="none", compute_dtype="float32", device="cpu"
-    )
+    full_cfg = float32_on_cpu(model_cfg)
     full = load_base_model(full_cfg, task=task, num_labels=num_labels, seed=seed)
     originals = dict(full.named_modules())
     factors = {}

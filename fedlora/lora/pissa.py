@@ -127,6 +127,15 @@ def init_key(
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def float32_on_cpu(model_cfg: ModelConfig) -> ModelConfig:
+    """Return the same checkpoint unquantised, float32 on the CPU (the SVD input)."""
+    from dataclasses import replace
+
+    return replace(
+        model_cfg, quantization="none", compute_dtype="float32", device="cpu"
+    )
+
+
 def pissa_base(
     model_cfg: ModelConfig,
     adapter: AdapterConfig,
@@ -173,9 +182,7 @@ def _build_residual_base(
     from fedlora.models import load_base_model, wrap_lora
     from fedlora.presets import publish
 
-    full = replace(
-        model_cfg, quantization="none", compute_dtype="float32", device="cpu"
-    )
+    full = float32_on_cpu(model_cfg)
     base = load_base_model(full, task=task, num_labels=num_labels, seed=seed)
     model = wrap_lora(
         base, full, replace(adapter, init="default"), task=task, seed=seed
