@@ -34,7 +34,7 @@ from fedlora.dp import (
     poisson_batch,
 )
 from fedlora.dp.randomness import DPRandom, TorchRandom, dp_random
-from fedlora.lora.state import adapter_state, select
+from fedlora.lora.state import VERA_B, adapter_state, select
 from fedlora.lora.variants import VARIANTS
 from fedlora.protocol import PrivacyReport
 from fedlora.train import (
@@ -177,15 +177,19 @@ def report(
 def _lr_scale(
     model: nn.Module, cfg: ClientConfig, factors: frozenset[str]
 ) -> dict[str, float]:
-    """Learning-rate factors by name part: B's ``lr_ratio_b``, the head's ratio.
+    """Learning-rate factors by name part: ``lr_ratio_b``, the head's ratio.
+
+    B (LoRA's ``lora_B`` or VeRA's ``lambda_b``) gets ``lr_ratio_b``.
 
     Keys only for tensors trainable this round (the DP trainer refuses keys that
     match nothing).
     """
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     scale = {}
-    if "lora_B" in factors:
-        scale["lora_B"] = cfg.adapter.lr_ratio_b
+    if "lora_B" in factors:  # LoRA's B, or VeRA's lambda_b (scheduled as B)
+        for marker in ("lora_B", VERA_B):
+            if any(marker in n for n in trainable):
+                scale[marker] = cfg.adapter.lr_ratio_b
     if any("modules_to_save" in n for n in trainable):
         scale["modules_to_save"] = cfg.adapter.lr_ratio_head
     return scale

@@ -302,13 +302,13 @@ class ClientConfig:
                     "takes the LoRA factors as keyword arguments, which its hooks do "
                     "not see); use DoRA without DP, or DP with plain LoRA"
                 )
-            if self.adapter.peft_type == "vera":
+            if self.adapter.peft_type == "vera" and self.adapter.dropout > 0:
                 raise ConfigError(
-                    "privacy.mode='dp' with adapter.peft_type=vera: Opacus computes "
-                    "per-sample gradients per module, and peft keeps VeRA's vectors "
-                    "in ParameterDicts that have no forward of their own, so their "
-                    "per-sample gradients are not seen; use VeRA without DP, or DP "
-                    "with peft_type=lora"
+                    "privacy.mode='dp' with adapter.peft_type=vera and "
+                    f"adapter.dropout={self.adapter.dropout}: VeRA's per-sample "
+                    "gradient rule reads the layer's input and cannot see the "
+                    "dropout mask; set "
+                    "adapter.dropout=0 (the default)"
                 )
             if self.model.gradient_checkpointing:
                 raise ConfigError(

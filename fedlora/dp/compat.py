@@ -10,10 +10,14 @@ mix examples. So the ``hooks`` check refuses trainable modules without a rule.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+from fedlora.dp.vera import extra_grad_samplers, is_vera_layer, vera_dropout_error
 
 # grad_sample_mode -> force_functorch flag of GradSampleModule; first is the default.
 # "ghost" (needs a criterion wrapper) and "ew" (its wrapper takes the inputs only
@@ -54,6 +58,21 @@ def _module_errors(name: str, module: nn.Module, mode: str) -> list[str]:
     return errors
 
 
+def _vera_errors(name: str, layer: nn.Module, mode: str) -> list[str]:
+    """Why fedlora's VeRA rule (:mod:`fedlora.dp.vera`) cannot serve this layer."""
+    errors = []
+    if mode != "hooks":
+        errors.append(
+            f"{name} (VeRA Linear): VeRA's vectors get per-sample gradients from "
+            "fedlora's exact rule, which runs in grad_sample_mode='hooks' only; "
+            "functorch would vmap the frozen (4-bit) base layer"
+        )
+    dropout = vera_dropout_error(name, layer)
+    if dropout is not None:
+        errors.append(dropout)
+    return errors
+
+
 def check_opacus_compatible(
     model: nn.Module, *, grad_sample_mode: str = "hooks"
 ) -> None:
@@ -76,10 +95,23 @@ def check_opacus_compatible(
         Naming every offending module and its type, and the fix.
     """
     check_grad_sample_mode(grad_sample_mode)
+    vera = [
+        (name, module)
+        for name, module in model.named_modules()
+        if is_vera_layer(module) and any(p.requires_grad for p in module.parameters())
+    ]
     errors = [
+        err
+        for name, module in vera
+        for err in _vera_errors(name, module, grad_sample_mode)
+    ]
+    # a VeRA layer's vectors sit in child ParameterDicts; its own rule covers them
+    covered = tuple(f"{name}." for name, _ in vera)
+    errors += [
         err
         for name, module in model.named_modules()
         if any(p.requires_grad for p in module.parameters(recurse=False))
+        and not name.startswith(covered)
         for err in _module_errors(name, module, grad_sample_mode)
     ]
     if errors:
@@ -98,15 +130,50 @@ def grad_sample_module_cls() -> type[Any]:
     calls its backward hook (its input needs a gradient), and Opacus raises
     ``ValueError: No activations detected for <class 'torch.nn.modules.linear.Linear'>,
     run forward after add_hooks(model)``. This subclass skips frozen modules there.
+
+    It also hooks peft's VeRA layers as a whole, with the exact rule of
+    :mod:`fedlora.dp.vera` (Opacus alone would hook the vectors' ParameterDicts,
+    whose forward never runs). The rule is added to this class's table only, not
+    to Opacus' global one.
     """
     from opacus.grad_sample import GradSampleModule
-    from opacus.utils.module_utils import requires_grad
+    from opacus.utils.module_utils import requires_grad, trainable_parameters
+
+    def trains(module: nn.Module) -> bool:
+        # a VeRA layer trains through its child ParameterDicts
+        return bool(requires_grad(module, recurse=is_vera_layer(module)))
 
     class ToggleableGradSampleModule(GradSampleModule):  # type: ignore[misc]
+        GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, **extra_grad_samplers()}
+
+        def iterate_submodules(self, module: nn.Module) -> Iterator[nn.Module]:
+            if is_vera_layer(module):
+                if trains(module):
+                    yield module  # its rule covers the vectors: no recursion
+                return
+            yield from super().iterate_submodules(module)
+
+        def capture_activations_hook(
+            self, module: Any, forward_input: list[Tensor], output: Tensor
+        ) -> None:
+            if not is_vera_layer(module):
+                super().capture_activations_hook(module, forward_input, output)
+                return
+            # Opacus' own hook checks only the layer's direct parameters
+            if not (trains(module) and module.training and torch.is_grad_enabled()):
+                return
+            if not self.hooks_enabled:
+                return
+            if not hasattr(module, "activations"):
+                module.activations = []
+            module.activations.append([t.detach() for t in forward_input])
+            for _, p in trainable_parameters(module):
+                p._forward_counter += 1
+
         def capture_backprops_hook(
             self, module: nn.Module, *args: Any, **kwargs: Any
         ) -> None:
-            if not requires_grad(module):
+            if not trains(module):
                 return
             super().capture_backprops_hook(module, *args, **kwargs)
 

@@ -39,9 +39,17 @@ def _cfg(**extra: object) -> ExperimentConfig:
     return build_config(ExperimentConfig, {**BASE, **extra})
 
 
-def test_zero_noise_infinite_clip_equals_the_non_private_steps() -> None:
-    """DP(sigma=0, C=inf) = AdamW on sum of per-example losses / b, same batches."""
-    cfg = _cfg(**{"privacy.noise_multiplier": 0.0, "privacy.max_grad_norm": 1e9})
+@pytest.mark.parametrize("peft_type", ["lora", "vera"])
+def test_zero_noise_infinite_clip_equals_the_non_private_steps(peft_type: str) -> None:
+    """DP(sigma=0, C=inf) = AdamW on sum of per-example losses / b, same batches
+    (VeRA: its vectors' per-sample rule, fedlora.dp.vera, in the round users run)."""
+    cfg = _cfg(
+        **{
+            "privacy.noise_multiplier": 0.0,
+            "privacy.max_grad_norm": 1e9,
+            "adapter.peft_type": peft_type,
+        }
+    )
     site = SiteConfig(0, 2)
     bundle = model_bundle(cfg)
     start = adapter_state(bundle.model)

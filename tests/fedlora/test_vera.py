@@ -215,7 +215,14 @@ def test_the_alternating_variants_move_the_vectors_of_their_factor(
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"privacy.mode": "dp", "privacy.noise_multiplier": 1.0}, "per-sample"),
+        (
+            {
+                "privacy.mode": "dp",
+                "privacy.noise_multiplier": 1.0,
+                "adapter.dropout": 0.1,
+            },
+            "adapter.dropout=0",
+        ),
         ({"strategy.name": "hetlora"}, "strategy=fedavg"),
         ({"strategy.name": "she_lora"}, "strategy=fedavg"),
         ({"adapter.use_dora": True}, "peft_type=lora"),
