@@ -23,7 +23,15 @@ from fedlora.config import AdapterConfig, ModelConfig
 from fedlora.config.flat import build_config
 from fedlora.data.tokenize import Collator
 from fedlora.dp import PrivacyLedger, check_opacus_compatible, per_sample_loss
-from fedlora.lora.state import VERA_B, VERA_D, adapter_state, factor_of, num_params
+from fedlora.lora.state import (
+    VERA_B,
+    VERA_D,
+    adapter_state,
+    factor_of,
+    num_params,
+    select,
+)
+from fedlora.lora.variants import VARIANTS
 from strategies.config import ExperimentConfig
 
 TINY = ModelConfig(name="tiny_llama", tiny_hidden_size=64, tiny_layers=2)
@@ -147,21 +155,22 @@ def _cfg(**extra: object) -> ExperimentConfig:
     return build_config(ExperimentConfig, {**BASE, **extra})
 
 
-@pytest.mark.parametrize("variant", ["lora", "ffa"])
+@pytest.mark.parametrize("variant", ["lora", "ffa", "la_lora", "rolora"])
 def test_a_dp_vera_round_noises_and_sends_only_the_vectors(variant: str) -> None:
-    """The round users run: every sent vector moves, the ledger counts the
-    round's steps, and only the vectors are noised and sent."""
+    """The round users run: every returned vector moved, the ledger counts the
+    round's steps, and only the round's vectors are noised and sent."""
     cfg = _cfg(**{"adapter.variant": variant, "adapter.train_head": False})
+    rule = VARIANTS.get(variant)
     start = adapter_state(model_bundle(cfg).model)
-    trains = {"lora": {"lora_A", "lora_B"}, "ffa": {"lora_B"}}[variant]
-    sent = {k: v for k, v in start.items() if factor_of(k) in trains}
+    sent = select(start, rule.sends_down(1))
     ledger = PrivacyLedger("rdp", 1e-5)
     out = train_round(cfg, SiteConfig(0, 2), 1, sent, ledger=ledger)
     assert ledger.steps == cfg.federation.local_steps
     assert out.privacy is not None and out.privacy.epsilon > 0
-    assert set(out.state) == set(sent)
-    assert all(not torch.equal(out.state[k], sent[k]) for k in sent)
+    trained = rule.factors_for_round(1)
+    assert {factor_of(k) for k in out.state} == set(trained)
+    assert all(not torch.equal(out.state[k], sent[k]) for k in out.state)
     assert all(torch.isfinite(v).all() for v in out.state.values())
-    # noised and sent per matrix (2 layers x q, v; d_out 64): lambda_b, and
-    # lambda_d (r = 16) unless FFA freezes it
-    assert num_params(sent) == 4 * (64 + (16 if variant == "lora" else 0))
+    # per matrix (2 layers x q, v): lambda_b (d_out 64) as B, lambda_d (r 16) as A
+    per_matrix = 64 * ("lora_B" in trained) + 16 * ("lora_A" in trained)
+    assert num_params(out.state) == 4 * per_matrix
