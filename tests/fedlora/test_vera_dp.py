@@ -174,3 +174,7 @@ def test_a_dp_vera_round_noises_and_sends_only_the_vectors(variant: str) -> None
     # per matrix (2 layers x q, v): lambda_b (d_out 64) as B, lambda_d (r 16) as A
     per_matrix = 64 * ("lora_B" in trained) + 16 * ("lora_A" in trained)
     assert num_params(out.state) == 4 * per_matrix
+    # the next round wraps the same cached model again (RoLoRA: now lambda_d)
+    again = train_round(cfg, SiteConfig(0, 2), 2, {**sent, **out.state}, ledger=ledger)
+    assert ledger.steps == 2 * cfg.federation.local_steps
+    assert {factor_of(k) for k in again.state} == set(rule.factors_for_round(2))
