@@ -10,6 +10,7 @@ mix examples. So the ``hooks`` check refuses trainable modules without a rule.
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Iterator
 from functools import cache
 from typing import Any
@@ -36,13 +37,12 @@ def check_grad_sample_mode(mode: str) -> None:
 
 def _module_errors(name: str, module: nn.Module, mode: str) -> list[str]:
     """Why Opacus cannot privatise this trainable module (empty if it can)."""
-    from opacus.grad_sample import GradSampleModule
     from opacus.validators import ModuleValidator
 
     label = f"{name or '<root>'} ({type(module).__name__})"
     params = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
     errors = []
-    if mode == "hooks" and type(module) not in GradSampleModule.GRAD_SAMPLERS:
+    if mode == "hooks" and type(module) not in grad_sample_module_cls().GRAD_SAMPLERS:
         errors.append(
             f"{label}: no Opacus per-sample gradient rule for this layer type "
             f"(trainable {params}); freeze it, register one with "
@@ -58,7 +58,7 @@ def _module_errors(name: str, module: nn.Module, mode: str) -> list[str]:
     return errors
 
 
-def _vera_errors(name: str, layer: nn.Module, mode: str) -> list[str]:
+def _vera_errors(name: str, layer: Any, mode: str) -> list[str]:
     """Why fedlora's VeRA rule (:mod:`fedlora.dp.vera`) cannot serve this layer."""
     errors = []
     if mode != "hooks":
@@ -70,6 +70,17 @@ def _vera_errors(name: str, layer: nn.Module, mode: str) -> list[str]:
     dropout = vera_dropout_error(name, layer)
     if dropout is not None:
         errors.append(dropout)
+    idle = [
+        f"{vectors}.{adapter}"
+        for vectors in ("vera_lambda_b", "vera_lambda_d")
+        for adapter, p in getattr(layer, vectors).items()
+        if p.requires_grad and adapter not in layer.active_adapters
+    ]
+    if idle:
+        errors.append(
+            f"{name} (VeRA Linear): trainable vectors of inactive adapters {idle} "
+            "take no part in the forward; freeze them or activate their adapter"
+        )
     return errors
 
 
@@ -106,7 +117,7 @@ def check_opacus_compatible(
         for err in _vera_errors(name, module, grad_sample_mode)
     ]
     # a VeRA layer's vectors sit in child ParameterDicts; its own rule covers them
-    covered = tuple(f"{name}." for name, _ in vera)
+    covered = tuple(f"{name}." if name else "" for name, _ in vera)
     errors += [
         err
         for name, module in model.named_modules()
@@ -144,7 +155,8 @@ def grad_sample_module_cls() -> type[Any]:
         return bool(requires_grad(module, recurse=is_vera_layer(module)))
 
     class ToggleableGradSampleModule(GradSampleModule):  # type: ignore[misc]
-        GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, **extra_grad_samplers()}
+        # a live view: rules registered later with register_grad_sampler show too
+        GRAD_SAMPLERS = ChainMap(extra_grad_samplers(), GradSampleModule.GRAD_SAMPLERS)
 
         def iterate_submodules(self, module: nn.Module) -> Iterator[nn.Module]:
             if is_vera_layer(module):

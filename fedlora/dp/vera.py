@@ -78,6 +78,11 @@ def vera_grad_sampler(
         ``lambda_b -> (n, d_out)`` and ``lambda_d -> (n, r)``, for the vectors with
         ``requires_grad`` only (FFA-VeRA freezes ``lambda_d``).
     """
+    if layer.disable_adapters or layer.merged:
+        raise ValueError(
+            "a VeRA layer with its adapters disabled or merged has no vectors in "
+            "its forward: nothing to differentiate per sample"
+        )
     x = activations[0]
     n = x.shape[0]
     out: dict[nn.Parameter, Tensor] = {}

@@ -48,6 +48,7 @@ def test_zero_noise_infinite_clip_equals_the_non_private_steps(peft_type: str) -
             "privacy.noise_multiplier": 0.0,
             "privacy.max_grad_norm": 1e9,
             "adapter.peft_type": peft_type,
+            "adapter.lr_ratio_b": 4.0,  # LoRA+: B (VeRA's lambda_b) at 4x the rate
         }
     )
     site = SiteConfig(0, 2)
@@ -61,11 +62,13 @@ def test_zero_noise_infinite_clip_equals_the_non_private_steps(peft_type: str) -
     settings = dp_settings(cfg, len(data))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     head = [p for n, p in trainable if "modules_to_save" in n]
-    lora = [p for n, p in trainable if "modules_to_save" not in n]
-    assert head and lora
-    opt = torch.optim.AdamW(  # the head at its configured learning-rate ratio
+    b = [p for n, p in trainable if "lora_B" in n or "vera_lambda_b" in n]
+    a = [p for n, p in trainable if "lora_A" in n or "vera_lambda_d" in n]
+    assert head and a and b and len(head) + len(a) + len(b) == len(trainable)
+    opt = torch.optim.AdamW(  # B and the head at their configured ratios
         [
-            {"params": lora, "lr": cfg.train.lr},
+            {"params": a, "lr": cfg.train.lr},
+            {"params": b, "lr": cfg.train.lr * cfg.adapter.lr_ratio_b},
             {"params": head, "lr": cfg.train.lr * cfg.adapter.lr_ratio_head},
         ],
         weight_decay=cfg.train.weight_decay,

@@ -108,14 +108,15 @@ def test_vera_per_sample_grads_on_nf4_equal_a_loop_over_examples(task: str) -> N
 
 
 def test_frozen_lambda_d_gets_no_per_sample_gradient() -> None:
-    """FFA-VeRA trains lambda_b alone: the rule fills only what trains."""
+    """A step that trains lambda_b alone (LA-LoRA, RoLoRA freeze lambda_d after
+    the model is wrapped): the rule fills only what trains."""
     from fedlora.dp.compat import grad_sample_module_cls
 
     model = _model("causal_lm", "none")
+    gsm = grad_sample_module_cls()(model, loss_reduction="sum")
     for name, p in model.named_parameters():
         if VERA_D in name:
             p.requires_grad_(False)
-    gsm = grad_sample_module_cls()(model, loss_reduction="sum")
     batch = Collator(pad_id=0, task="causal_lm")(_items("causal_lm"))
     labels = batch.pop("labels")
     per_sample_loss(gsm(**batch).logits, labels, task="causal_lm").sum().backward()
