@@ -33,6 +33,23 @@ def tiny_values(task: str, overrides: Mapping[str, Any] = ()) -> dict[str, Any]:
     return {**TINY_MODEL, **TASKS[task], "adapter.rank": 4, **dict(overrides)}
 
 
+def tiny_dp_values(overrides: Mapping[str, Any] = ()) -> dict[str, Any]:
+    """A tiny classification job under ``privacy=dp``: 2 clients of 200 examples,
+    3 rounds x 3 local steps, expected batch 8."""
+    return tiny_values(
+        "classification",
+        {
+            "data.num_examples": 400,
+            "federation.clients": 2,
+            "federation.rounds": 3,
+            "federation.local_steps": 3,
+            "train.batch_size": 8,
+            "privacy.mode": "dp",
+            **dict(overrides),
+        },
+    )
+
+
 def tiny_config(task: str, overrides: Mapping[str, Any] = ()) -> ExperimentConfig:
     """The validated :class:`ExperimentConfig` of :func:`tiny_values`."""
     return build_config(ExperimentConfig, tiny_values(task, overrides))

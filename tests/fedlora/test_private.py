@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_configs import tiny_values
+from tiny_configs import tiny_dp_values
 
 from fedlora.cache import collator, model_bundle, partition_dataset
 from fedlora.client.private_round import (
@@ -24,15 +24,7 @@ from fedlora.lora.state import adapter_state, factor_of, load_adapter_state
 from fedlora.train import derive_seed
 from strategies.config import ExperimentConfig
 
-BASE = {
-    **tiny_values("classification"),
-    "data.num_examples": 400,
-    "federation.clients": 2,
-    "federation.rounds": 3,
-    "federation.local_steps": 3,
-    "train.batch_size": 8,
-    "privacy.mode": "dp",
-}
+BASE = tiny_dp_values()
 
 
 def _cfg(**extra: object) -> ExperimentConfig:

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny_configs import tiny_values
+from tiny_configs import tiny_dp_values
 from torch import Tensor, nn
 
 from fedlora.cache import model_bundle
@@ -138,18 +138,9 @@ def test_check_names_what_the_vera_rule_cannot_serve() -> None:
         check_opacus_compatible(_model("causal_lm", "none", dropout=0.1))
 
 
-BASE = {
-    **tiny_values("classification"),
-    "data.num_examples": 400,
-    "federation.clients": 2,
-    "federation.rounds": 3,
-    "federation.local_steps": 3,
-    "train.batch_size": 8,
-    "privacy.mode": "dp",
-    "privacy.epsilon": 3.0,
-    "adapter.peft_type": "vera",
-    "adapter.rank": 16,
-}
+BASE = tiny_dp_values(
+    {"privacy.epsilon": 3.0, "adapter.peft_type": "vera", "adapter.rank": 16}
+)
 
 
 def _cfg(**extra: object) -> ExperimentConfig:
