@@ -76,6 +76,16 @@ def _vera_errors(name: str, layer: Any, mode: str) -> list[str]:
         for adapter, p in getattr(layer, vectors).items()
         if p.requires_grad and adapter not in layer.active_adapters
     ]
+    others = [
+        n
+        for n, p in layer.named_parameters()
+        if p.requires_grad and not n.startswith(("vera_lambda_b.", "vera_lambda_d."))
+    ]
+    if others:
+        errors.append(
+            f"{name} (VeRA Linear): trainable {others[:3]} inside the layer get no "
+            "per-sample gradient from VeRA's rule; freeze them"
+        )
     if idle:
         errors.append(
             f"{name} (VeRA Linear): trainable vectors of inactive adapters {idle} "

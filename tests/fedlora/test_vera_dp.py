@@ -136,6 +136,12 @@ def test_check_names_what_the_vera_rule_cannot_serve() -> None:
         )
     with pytest.raises(ValueError, match="adapter.dropout=0"):
         check_opacus_compatible(_model("causal_lm", "none", dropout=0.1))
+    model = _model("causal_lm", "none")
+    for name, p in model.named_parameters():
+        if "q_proj.base_layer.weight" in name:
+            p.requires_grad_(True)  # the rule would not cover it: refused
+    with pytest.raises(ValueError, match="base_layer.weight"):
+        check_opacus_compatible(model)
 
 
 BASE = tiny_dp_values(
