@@ -147,6 +147,12 @@ def logit_adjustment(labels: Tensor, num_classes: int, tau: float) -> Tensor:
     return (tau * prior.log()).float()
 
 
+def lr_ratio(name: str, lr_ratio_b: float, lr_ratio_head: float) -> float:
+    """Learning-rate factor of the adapter tensor ``name`` (see trainable_groups)."""
+    factor = "lora_A" if is_magnitude(name) else factor_of(name)
+    return {"lora_B": lr_ratio_b, "lora_A": 1.0}.get(factor or "", lr_ratio_head)
+
+
 def trainable_groups(
     model: nn.Module,
     cfg: TrainConfig,
@@ -165,9 +171,7 @@ def trainable_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        factor = "lora_A" if is_magnitude(name) else factor_of(name)
-        ratio = {"lora_B": lr_ratio_b, "lora_A": 1.0}.get(factor or "", lr_ratio_head)
-        lr = cfg.lr * ratio
+        lr = cfg.lr * lr_ratio(name, lr_ratio_b, lr_ratio_head)
         group = groups.setdefault(lr, {"params": [], "names": [], "base_lr": lr})
         group["params"].append(param)
         group["names"].append(name)

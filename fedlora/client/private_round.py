@@ -34,7 +34,7 @@ from fedlora.dp import (
     poisson_batch,
 )
 from fedlora.dp.randomness import DPRandom, TorchRandom, dp_random
-from fedlora.lora.state import VERA_B, adapter_state, select
+from fedlora.lora.state import adapter_state, select
 from fedlora.lora.variants import VARIANTS
 from fedlora.protocol import PrivacyReport
 from fedlora.train import (
@@ -42,6 +42,7 @@ from fedlora.train import (
     activate_factors,
     derive_seed,
     lr_factor,
+    lr_ratio,
     step_rule,
     to_device,
 )
@@ -174,25 +175,19 @@ def report(
     )
 
 
-def _lr_scale(
-    model: nn.Module, cfg: ClientConfig, factors: frozenset[str]
-) -> dict[str, float]:
-    """Learning-rate factors by name part: ``lr_ratio_b``, the head's ratio.
+def _lr_scale(model: nn.Module, cfg: ClientConfig) -> dict[str, float]:
+    """Learning-rate factors of the trainable tensors whose factor is not 1.
 
-    B (LoRA's ``lora_B`` or VeRA's ``lambda_b``) gets ``lr_ratio_b``.
-
-    Keys only for tensors trainable this round (the DP trainer refuses keys that
-    match nothing).
+    Keyed by full parameter name, with the non-private optimiser's rule
+    (:func:`fedlora.train.lr_ratio`: B or VeRA's ``lambda_b`` at ``lr_ratio_b``,
+    the head at ``lr_ratio_head``).
     """
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    scale = {}
-    if "lora_B" in factors:  # LoRA's B, or VeRA's lambda_b (scheduled as B)
-        for marker in ("lora_B", VERA_B):
-            if any(marker in n for n in trainable):
-                scale[marker] = cfg.adapter.lr_ratio_b
-    if any("modules_to_save" in n for n in trainable):
-        scale["modules_to_save"] = cfg.adapter.lr_ratio_head
-    return scale
+    ratios = {
+        name: lr_ratio(name, cfg.adapter.lr_ratio_b, cfg.adapter.lr_ratio_head)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+    return {name: r for name, r in ratios.items() if r != 1.0}
 
 
 def _random(cfg: ClientConfig, sigma: float, *parts: int | str) -> DPRandom:
@@ -251,7 +246,7 @@ def dp_train_round(
         ledger=ledger,
         lr=cfg.train.lr,
         weight_decay=cfg.train.weight_decay,
-        lr_scale=_lr_scale(model, cfg, factors),
+        lr_scale=_lr_scale(model, cfg),
         rng=_random(
             cfg, settings.noise_multiplier, server_round, site.partition_id, "noise"
         ),

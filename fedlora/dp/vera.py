@@ -83,15 +83,15 @@ def vera_grad_sampler(
             "a VeRA layer with its adapters disabled or merged has no vectors in "
             "its forward: nothing to differentiate per sample"
         )
+    error = vera_dropout_error(type(layer).__name__, layer)
+    if error is not None:
+        raise ValueError(error)
     x = activations[0]
     n = x.shape[0]
     out: dict[nn.Parameter, Tensor] = {}
     for adapter in layer.active_adapters:
         if adapter not in layer.vera_lambda_d:
             continue
-        error = vera_dropout_error(type(layer).__name__, layer)
-        if error is not None:
-            raise ValueError(error)
         lambda_d = layer.vera_lambda_d[adapter]
         lambda_b = layer.vera_lambda_b[adapter]
         dtype = lambda_d.dtype
