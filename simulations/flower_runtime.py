@@ -9,10 +9,11 @@ Ports (flwr 1.41): the SuperLink serves the Runtime, Control and Fleet APIs and
 ``/health`` on one HTTP port (``--port``, free port chosen here). Its legacy gRPC
 Control (9093) and Fleet (9092) servers only start when ``FLWR_INTERNAL_GRPC_*`` is
 ``1`` (removed from the environment; Fleet never starts in simulation mode) and the
-gRPC health server only with ``--health-server-address`` (not passed). Ray, started
-by each ``flwr-simulation``, binds only OS-assigned ephemeral ports (GCS, raylet,
-object manager, runtime-env agent, workers) on all interfaces; Flower offers no
-option to restrict them, but they cannot collide. Its dashboard is minimal (no 8265).
+gRPC health server only with ``--health-server-address`` (not passed). Ray's private
+head (``simulations.ray_head``, started here in parallel with the SuperLink, which
+``flwr-simulation`` attaches to) binds its GCS to a free port on 127.0.0.1, and its
+other ports (raylet, object manager, agents, workers) are OS-assigned, so they
+cannot collide. Its dashboard is minimal (no 8265 UI).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from simulations.flwr_cli import (
     run_status,
     stage_app,
 )
-from simulations.processes import is_alive, marked_processes, terminate
+from simulations.processes import is_alive, marked_processes, signal_all, terminate
+from simulations.ray_head import PrivateRayHead
 
 CONNECTION_NAME = "fedlora-local"
 MARKER_ENV = "FEDLORA_SIMULATION_ID"
@@ -78,7 +80,12 @@ class LocalSimulation:
         Run the clients on this existing Ray cluster (``host:port`` of its head,
         or ``auto``), passed to Ray as ``RAY_ADDRESS``: the simulation's driver
         attaches to it, and no Ray process is started, or stopped, here. Empty: a
-        private Ray instance per run, stopped with it.
+        private, lean Ray head (:mod:`simulations.ray_head`) started with the
+        SuperLink and stopped with it.
+    live_client_logs : bool
+        With a private head, stream the ClientApp actors' output into the run's
+        log as it happens (Ray's log monitor, ~80 MiB); otherwise their non-empty
+        logs are copied to ``work_dir/client_logs/`` when the simulation stops.
     """
 
     def __init__(
@@ -89,6 +96,7 @@ class LocalSimulation:
         log: Callable[[str], Any] = print,
         startup_timeout: float = 60.0,
         ray_address: str = "",
+        live_client_logs: bool = False,
     ) -> None:
         self.work_dir = Path(work_dir).resolve()
         self.flwr_home = self.work_dir / "flwr_home"
@@ -97,6 +105,8 @@ class LocalSimulation:
         self.port = 0
         self.ray_tmpdir: Path | None = None
         self.ray_address = ray_address
+        self._live_client_logs = live_client_logs
+        self._ray_head: PrivateRayHead | None = None
         self._extra_env = dict(env or {})
         self._log = log
         self._startup_timeout = startup_timeout
@@ -119,6 +129,9 @@ class LocalSimulation:
             self._sigterm_installed = True
         try:
             self._prepare()
+            if self._ray_head is not None:  # starts while the SuperLink starts
+                env = {k: v for k, v in self._env.items() if k != "RAY_ADDRESS"}
+                self._ray_head.start(self._exe("ray"), {**self._popen_kw(), "env": env})
             self._start_superlink()
         except BaseException:
             self.__exit__(None, None, None)
@@ -151,15 +164,20 @@ class LocalSimulation:
             self.ray_tmpdir = ray_dir
         else:
             self.ray_tmpdir = Path(tempfile.mkdtemp(prefix="fedlora-ray-", dir="/tmp"))
+        if self.ray_tmpdir is not None:
+            self._ray_head = PrivateRayHead(
+                self.ray_tmpdir, self.work_dir / "ray-head.log", self._live_client_logs
+            )
         self._env = self._build_env()
 
     def _build_env(self) -> dict[str, str]:
         """Return the environment shared by every process we start."""
+        head = self._ray_head
         return flower_env(
             extra=self._extra_env,
             flwr_home=self.flwr_home,
             work_dir=self.work_dir,
-            ray_address=self.ray_address,
+            ray_address=head.address if head is not None else self.ray_address,
             ray_tmpdir=self.ray_tmpdir,
             marker=(MARKER_ENV, self._sim_id),
         )
@@ -277,6 +295,12 @@ class LocalSimulation:
         )
         # a copy of the app's FAB files: Flower would walk the in-repo .venv
         staged = stage_app(Path(app_dir), self.work_dir / "app")
+        if self._ray_head is not None:
+            try:
+                self._ray_head.wait_ready()
+            except BaseException:
+                self.stop()
+                raise
         cmd = [self._exe("flwr"), "run", str(staged), CONNECTION_NAME]
         cmd += ["--run-config", str(run_config), "--federation-config", fed, "--stream"]
         offset = self.superlink_log.stat().st_size if self.superlink_log.exists() else 0
@@ -338,7 +362,8 @@ class LocalSimulation:
     def owned_processes(self) -> list[psutil.Process]:
         """Return live processes we started (trees, env marker, Ray temp dir)."""
         found: dict[int, psutil.Process] = {}
-        for popen in (self._superlink, self._run_proc):
+        head = self._ray_head.popen() if self._ray_head is not None else None
+        for popen in (self._superlink, self._run_proc, head):
             if popen is None or popen.poll() is not None:
                 continue
             try:
@@ -348,7 +373,9 @@ class LocalSimulation:
             except psutil.Error:
                 pass
         ray_dir = f"{self.ray_tmpdir}/" if self.ray_tmpdir else None
-        for proc in marked_processes(MARKER_ENV, self._sim_id, cmdline_part=ray_dir):
+        for proc in marked_processes(
+            MARKER_ENV, self._sim_id, cmdline_part=ray_dir, descendants=True
+        ):
             found.setdefault(proc.pid, proc)
         found.pop(os.getpid(), None)
         return [p for p in found.values() if is_alive(p)]
@@ -377,12 +404,18 @@ class LocalSimulation:
 
     def _stop(self, grace_s: float) -> None:
         """Signal every owned process, reap our children, remove the Ray dir."""
+        if self._ray_head is not None:
+            self._ray_head.keep_worker_logs(self.work_dir / "client_logs")
+            signal_all(
+                self._ray_head.daemons(self.owned_processes()), signal.SIGKILL, 5.0
+            )
         for _ in range(3):  # rescan: a dying parent may still have spawned children
             procs = self.owned_processes()
             if not procs:
                 break
             terminate(procs, grace_s)
-        for popen in (self._superlink, self._run_proc):
+        head = self._ray_head.popen() if self._ray_head is not None else None
+        for popen in (self._superlink, self._run_proc, head):
             if popen is not None:
                 if popen.poll() is None:
                     popen.kill()

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         cpus_per_client=args.cpus_per_client,
         gpus_per_client=args.gpus_per_client,
         ray_address=args.ray_address,
+        live_client_logs=True,  # this command prints every line
     )
     rows = RunDir(run_dir).read_metrics()
     print(f"\nfedlora: run directory {run_dir}\n{format_table(rows)}")

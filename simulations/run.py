@@ -96,6 +96,7 @@ def main(cfg: DictConfig) -> None:
         cpus_per_client=launch.cpus_per_client,
         gpus_per_client=launch.gpus_per_client,
         ray_address=launch.ray_address,
+        live_client_logs=launch.verbose,
         log=console,
     )
     # 5. results

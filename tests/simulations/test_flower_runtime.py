@@ -35,8 +35,22 @@ def _assert_all_dead(pids: set[int]) -> None:
     assert not alive, alive
 
 
+def _ray_or_flower_pids() -> set[int]:
+    """Live processes whose command line names Ray or Flower (Ray's agents too:
+    ``ray::DashboardAgent`` carries neither our marker nor the Ray temp dir)."""
+    found = set()
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(proc.info["cmdline"] or []).lower()
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and (
+            "ray" in cmd or "flwr" in cmd or "flower" in cmd
+        ):
+            found.add(proc.pid)
+    return found
+
+
 def test_toy_app_runs_two_rounds_and_leaves_nothing_behind(tmp_path: Path) -> None:
     user_home_existed = USER_FLWR_HOME.exists()
+    before = _ray_or_flower_pids()
     out_file = tmp_path / "result.json"
     run_config = _write_toml(tmp_path / "run.toml", {"out-file": str(out_file)})
     lines: list[str] = []
@@ -59,6 +73,9 @@ def test_toy_app_runs_two_rounds_and_leaves_nothing_behind(tmp_path: Path) -> No
     assert ray_tmpdir is not None and not ray_tmpdir.exists()
     assert len(pids) >= 2
     _assert_all_dead(pids)
+    _assert_all_dead(_ray_or_flower_pids() - before)  # nothing of ours, found or not
+    log = (tmp_path / "sim" / "ray-head.log").read_text()
+    assert "Ray runtime started." in log  # the private head, not ray.init's
     assert USER_FLWR_HOME.exists() == user_home_existed
 
 
