@@ -42,11 +42,11 @@ from simulations.flwr_cli import (
     find_free_port,
     flower_env,
     log_errors,
-    run_status,
     stage_app,
 )
 from simulations.processes import is_alive, marked_processes, signal_all, terminate
 from simulations.ray_head import PrivateRayHead
+from simulations.run_logs import control_client, final_status, stream_logs
 
 CONNECTION_NAME = "fedlora-local"
 MARKER_ENV = "FEDLORA_SIMULATION_ID"
@@ -256,7 +256,7 @@ class LocalSimulation:
         gpus_per_client: float = 0.0,
         log_file: Path | None = None,
     ) -> int:
-        """Run a Flower app to completion with ``flwr run ... --stream``.
+        """Run a Flower app to completion: ``flwr run``, then follow its log.
 
         Parameters
         ----------
@@ -302,16 +302,10 @@ class LocalSimulation:
                 self.stop()
                 raise
         cmd = [self._exe("flwr"), "run", str(staged), CONNECTION_NAME]
-        cmd += ["--run-config", str(run_config), "--federation-config", fed, "--stream"]
+        cmd += ["--run-config", str(run_config), "--federation-config", fed]
         offset = self.superlink_log.stat().st_size if self.superlink_log.exists() else 0
         try:
-            code, run_id, tail = self._stream(cmd, log_file)
-            status, details = ("none", "")
-            if run_id:
-                flwr = self._exe("flwr")
-                status, details = run_status(
-                    flwr, CONNECTION_NAME, run_id, self._env, self.work_dir
-                )
+            code, run_id, tail, (status, details) = self._follow(cmd, log_file)
         except BaseException:  # Ctrl-C, SIGTERM, ...: stop everything, re-raise
             self.stop()
             raise
@@ -325,15 +319,30 @@ class LocalSimulation:
             )
         return code
 
-    def _stream(
+    def _follow(
         self, cmd: list[str], log_file: Path | None
-    ) -> tuple[int, str, list[str]]:
-        """Run ``cmd`` and tee its output; return exit code, run id, last lines."""
+    ) -> tuple[int, str, list[str], tuple[str, str]]:
+        """Submit with ``cmd`` (``flwr run``), then tee the run's log until it ends.
+
+        Returns the exit code of ``flwr run``, the run id, the last 40 lines and
+        the run's final ``(status, details)`` (``("none", "")`` if it did not
+        start). The log and the status come from the SuperLink's Control API in
+        this process (:mod:`simulations.run_logs`).
+        """
         tail: deque[str] = deque(maxlen=40)
         run_id = ""
         if log_file is not None:
             Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         sink = Path(log_file).open("w", encoding="utf-8") if log_file else None
+
+        def emit(line: str) -> None:
+            self._log(line)
+            plain = _ANSI_RE.sub("", line)
+            tail.append(plain)
+            if sink:
+                sink.write(plain + "\n")
+                sink.flush()
+
         try:
             self._run_proc = subprocess.Popen(
                 cmd,
@@ -345,16 +354,18 @@ class LocalSimulation:
             )
             assert self._run_proc.stdout is not None
             for raw in self._run_proc.stdout:
-                line = raw.rstrip("\n")
-                self._log(line)
-                plain = _ANSI_RE.sub("", line)
-                tail.append(plain)
-                if sink:
-                    sink.write(plain + "\n")
-                    sink.flush()
-                if match := _RUN_ID_RE.search(plain):
+                emit(raw.rstrip("\n"))
+                if match := _RUN_ID_RE.search(_ANSI_RE.sub("", raw)):
                     run_id = match.group(1)
-            return self._run_proc.wait(), run_id, list(tail)
+            code = self._run_proc.wait()
+            if code != 0 or not run_id:
+                return code, run_id, list(tail), ("none", "")
+            client = control_client(self.address)
+            try:
+                stream_logs(client, int(run_id), emit)
+                return code, run_id, list(tail), final_status(client, int(run_id))
+            finally:
+                client.close()
         finally:
             if sink:
                 sink.close()

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -64,41 +61,6 @@ def flower_env(
     # the ServerApp's 2-thread evaluation took 10-21 s instead of 2-3.5 s.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
-
-
-def run_status(
-    flwr: str,
-    connection: str,
-    run_id: str,
-    env: Mapping[str, str],
-    cwd: Path,
-    wait_s: float = 30.0,
-) -> tuple[str, str]:
-    """Return ``(status, details)`` of a run once it is finished (or timeout).
-
-    ``flwr run --stream`` exits 0 even when the ServerApp crashed; only
-    ``flwr ls --run-id`` tells ``finished:completed`` from ``finished:failed``.
-    """
-    cmd = [flwr, "ls", connection, "--run-id", run_id, "--format", "json"]
-    deadline = time.monotonic() + wait_s
-    while True:
-        res = subprocess.run(
-            cmd,
-            env=dict(env),
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        try:
-            info = json.loads(res.stdout)["runs"][0]
-            status, details = str(info["status"]), str(info["status-details"])
-        except (ValueError, KeyError, IndexError):
-            status, details = "unknown", (res.stdout + res.stderr)[-2000:]
-        if status.startswith("finished") or time.monotonic() > deadline:
-            return status, details
-        time.sleep(0.5)
 
 
 def log_errors(path: Path, offset: int) -> str:

@@ -89,6 +89,29 @@ def test_undeclared_run_config_key_fails_with_the_key_name(tmp_path: Path) -> No
     _assert_all_dead(pids)
 
 
+def test_a_crashed_server_app_fails_the_run_with_its_error(tmp_path: Path) -> None:
+    """The final status (read in-process from the SuperLink) tells a crash from a
+    completed run, and the streamed log carries the ServerApp's error."""
+    run_config = _write_toml(tmp_path / "crash.toml", {"crash": True})
+    with LocalSimulation(work_dir=tmp_path / "sim", log=lambda _: None) as sim:
+        with pytest.raises(RuntimeError, match="finished:failed") as err:
+            sim.run(TOYAPP, run_config=run_config, num_supernodes=2)
+    assert "toy ServerApp asked to crash" in str(err.value)
+
+
+def test_log_lines_are_whole_across_chunks() -> None:
+    """The SuperLink sends the log in chunks that may split a line."""
+    from simulations.run_logs import LineSplitter
+
+    lines: list[str] = []
+    split = LineSplitter(lines.append)
+    for chunk in ("INFO : a\nINFO : b", "c\r\n", "", "\nlast"):
+        split.feed(chunk)
+    assert lines == ["INFO : a", "INFO : bc", ""]
+    split.close()
+    assert lines == ["INFO : a", "INFO : bc", "", "last"]
+
+
 def test_run_outside_with_block_is_refused(tmp_path: Path) -> None:
     sim = LocalSimulation(work_dir=tmp_path / "sim")
     with pytest.raises(RuntimeError, match="not running"):

@@ -15,6 +15,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run FedAvg for `num-server-rounds` rounds and dump metrics to `out-file`."""
     num_rounds = int(context.run_config["num-server-rounds"])
+    if context.run_config.get("crash", False):
+        raise ValueError("toy ServerApp asked to crash")
     out_file = str(context.run_config["out-file"])
     initial = ArrayRecord([np.zeros((2, 2), dtype=np.float32)])
     strategy = FedAvg(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)

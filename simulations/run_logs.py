@@ -1,0 +1,98 @@
+"""Follow a run on the local SuperLink from the launcher: its log and its status.
+
+``flwr run --stream`` keeps a second Flower CLI process (about 100 MiB) alive for
+the whole run only to print the run's log, and ``flwr ls`` then costs another
+process start (about 1.3 s) to read how the run ended. Both are calls to the
+SuperLink's Control API; the launcher, which imports ``flwr`` anyway to stage the
+app, makes them itself with the same HTTP client and interceptors as Flower's CLI
+(an insecure local SuperLink needs no account token).
+
+The SuperLink ends the log stream once the run is finished and its whole log has
+been sent (``flwr.superlink.servicer.control.control_handlers._stream_logs``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flwr.supercore.control import ControlHttpClient
+
+
+def control_client(address: str) -> ControlHttpClient:
+    """Return a Control API client of the insecure SuperLink at ``host:port``."""
+    from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+    from flwr.supercore.control import ControlHttpClient
+    from flwr.supercore.interceptors.http.runtime_version import (
+        RuntimeVersionHttpInterceptor,
+    )
+
+    return ControlHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[
+            CliClientHttpInterceptor(),
+            RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+        ],
+    )
+
+
+class LineSplitter:
+    """Turn text chunks into whole lines (a chunk may end inside a line)."""
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self._on_line = on_line
+        self._partial = ""
+
+    def feed(self, chunk: str) -> None:
+        """Pass on every line completed by ``chunk``; keep the rest."""
+        *lines, self._partial = (self._partial + chunk).split("\n")
+        for line in lines:
+            self._on_line(line.rstrip("\r"))
+
+    def close(self) -> None:
+        """Pass on a last line that had no newline."""
+        if self._partial:
+            self._on_line(self._partial.rstrip("\r"))
+            self._partial = ""
+
+
+def stream_logs(
+    client: ControlHttpClient, run_id: int, on_line: Callable[[str], None]
+) -> None:
+    """Call ``on_line`` for each line of the run's log until the run finished."""
+    from flwr.proto.control_pb2 import StreamLogsRequest
+
+    lines = LineSplitter(on_line)
+    request = StreamLogsRequest(run_id=run_id, after_timestamp=0.0)
+    try:
+        for res in client.StreamLogs(request):
+            lines.feed(res.log_output)
+    finally:
+        lines.close()
+
+
+def final_status(
+    client: ControlHttpClient, run_id: int, wait_s: float = 30.0
+) -> tuple[str, str]:
+    """Return ``(status, details)`` once the run is finished (or after ``wait_s``).
+
+    ``status`` reads as ``flwr ls`` prints it, e.g. ``finished:completed`` or
+    ``finished:failed``; only it tells a crashed ServerApp from a completed one.
+    """
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict
+        if run_id not in runs:
+            status, details = "unknown", f"run {run_id} not listed by the SuperLink"
+        else:
+            state = runs[run_id].status
+            status, details = f"{state.status}:{state.sub_status}", state.details
+        if status.startswith("finished") or time.monotonic() > deadline:
+            return status, details
+        time.sleep(0.5)
