@@ -7,9 +7,10 @@ Sources (``data.source``, the keys of :data:`DATA_SOURCES`):
 - ``local``: a CSV/TSV/JSONL/Parquet file at ``data.path``;
 - ``hf``: ``datasets.load_dataset(data.path, data.subset, split=data.split)``.
 
-Importing this package is cheap: ``datasets``, ``flwr_datasets``, ``pandas`` and
-torch are imported where they are used (``DataConfig`` validation imports
-:data:`DATA_SOURCES`).
+Every source returns :class:`~fedlora.data.rows.Rows` (plain columns). Importing
+this package is cheap: ``datasets`` (Hub sources, Dirichlet partitions),
+``flwr_datasets``, ``pandas`` (local files) and torch are imported where they are
+used (``DataConfig`` validation imports :data:`DATA_SOURCES`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from fedlora.data import instruct, synthetic
 from fedlora.data.files import load_hub, load_local
+from fedlora.data.rows import Rows
 from fedlora.data.sources import DATA_SOURCES, TASKS, DataSource, alpaca_prompt
 from fedlora.data.split import load_heldout, load_partition, num_labels
 
 if TYPE_CHECKING:
-    import datasets
-
     from fedlora.config import DataConfig
     from fedlora.data.tokenize import TokenizedDataset, make_collator
 
@@ -44,6 +44,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DATA_SOURCES",
     "DataSource",
+    "Rows",
     "TokenizedDataset",
     "alpaca_prompt",
     "load_heldout",
@@ -55,11 +56,11 @@ __all__ = [
 BOTH_TASKS = TASKS
 
 
-def _load_synthetic(cfg: DataConfig, seed: int) -> datasets.Dataset:
+def _load_synthetic(cfg: DataConfig, seed: int) -> Rows:
     return synthetic.generate(cfg.num_examples, cfg.num_classes, seed)
 
 
-def _load_synthetic_instruct(cfg: DataConfig, seed: int) -> datasets.Dataset:
+def _load_synthetic_instruct(cfg: DataConfig, seed: int) -> Rows:
     return instruct.generate(cfg.num_examples, seed, cfg.prompt_format)
 
 

@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedlora.data.rows import Rows
 from fedlora.data.sources import instruction_prompt, plain_prompt, split_conversation
 
 if TYPE_CHECKING:
-    import datasets
     import pandas as pd
 
     from fedlora.config import DataConfig
@@ -161,7 +161,7 @@ def needed_columns(columns: list[str], cfg: DataConfig, origin: str) -> list[str
     )
 
 
-def normalise(frame: pd.DataFrame, cfg: DataConfig, origin: str) -> datasets.Dataset:
+def normalise(frame: pd.DataFrame, cfg: DataConfig, origin: str) -> Rows:
     """Map a table onto the row schema of ``cfg.task`` (see the module docstring).
 
     Parameters
@@ -175,18 +175,16 @@ def normalise(frame: pd.DataFrame, cfg: DataConfig, origin: str) -> datasets.Dat
 
     Returns
     -------
-    datasets.Dataset
+    Rows
         ``{"text", "label"}`` or ``{"prompt", "completion"}`` rows, in file order.
     """
-    import datasets
-
-    return datasets.Dataset.from_dict(table_rows(frame, cfg, origin))
+    return Rows.from_dict(table_rows(frame, cfg, origin))
 
 
 def table_rows(
     frame: pd.DataFrame, cfg: DataConfig, origin: str
 ) -> dict[str, list[Any]]:
-    """Build the columns of :func:`normalise`'s rows as lists (no ``datasets``).
+    """Build the columns of :func:`normalise`'s rows as lists.
 
     Parameters
     ----------
@@ -332,17 +330,17 @@ def file_columns(cfg: DataConfig) -> tuple[str, ...]:
     return () if cfg.header else cfg.columns
 
 
-def load_file(path: str, cfg: DataConfig) -> datasets.Dataset:
+def load_file(path: str, cfg: DataConfig) -> Rows:
     """Normalised rows of a local file (the whole file, in file order)."""
     return normalise(read_table(path, file_columns(cfg)), cfg, f"data file {path}")
 
 
-def load_local(cfg: DataConfig, seed: int) -> datasets.Dataset:
+def load_local(cfg: DataConfig, seed: int) -> Rows:
     """Source ``local``: the file at ``cfg.path`` (``seed`` is unused)."""
     return load_file(cfg.path, cfg)
 
 
-def load_hub(cfg: DataConfig, seed: int) -> datasets.Dataset:
+def load_hub(cfg: DataConfig, seed: int) -> Rows:
     """Source ``hf``: ``load_dataset(cfg.path, cfg.subset, split=cfg.split)``."""
     import datasets
 
@@ -351,4 +349,4 @@ def load_hub(cfg: DataConfig, seed: int) -> datasets.Dataset:
     if not isinstance(raw, datasets.Dataset):
         raise ValueError(f"{origin}: expected one split, got {type(raw).__name__}")
     keep = needed_columns(list(raw.column_names), cfg, origin)
-    return normalise(raw.select_columns(keep).to_pandas(), cfg, origin)
+    return normalise(raw.select_columns(keep).to_pandas(), cfg, origin)  # copied

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from fedlora.data.rows import Rows
 from fedlora.data.sources import instruction_prompt
-
-if TYPE_CHECKING:
-    import datasets
 
 WORDS = (
     "apple",
@@ -183,9 +180,7 @@ def _make_capital_task(table: dict[str, str]) -> Task:
     return capital
 
 
-def generate(
-    num_examples: int, seed: int, prompt_format: str = "alpaca"
-) -> datasets.Dataset:
+def generate(num_examples: int, seed: int, prompt_format: str = "alpaca") -> Rows:
     """Generate ``num_examples`` instruction/response pairs.
 
     Parameters
@@ -199,11 +194,9 @@ def generate(
 
     Returns
     -------
-    datasets.Dataset
+    Rows
         Rows ``{"prompt": str, "completion": str}`` in shuffled task order.
     """
-    import datasets
-
     tasks: list[Task] = [
         _reverse,
         _sort_words,
@@ -220,4 +213,4 @@ def generate(
         instruction, input_text, answer = tasks[task_id](rng)
         prompts.append(instruction_prompt(instruction, input_text, prompt_format))
         completions.append(answer)
-    return datasets.Dataset.from_dict({"prompt": prompts, "completion": completions})
+    return Rows.from_dict({"prompt": prompts, "completion": completions})

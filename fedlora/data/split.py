@@ -22,8 +22,8 @@ source trains:
 
 Every function recomputes nothing it has seen: the full set, the split and the
 assignment are cached per process on ``(cfg, seed, ...)`` (``DataConfig`` is a frozen
-dataclass), and each call returns a fresh ``select`` view, so callers can change the
-format of what they get without touching the cache.
+dataclass), and each call returns a fresh ``select`` copy (:class:`Rows`), so callers
+cannot change what the cache holds.
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from fedlora.data.files import load_file
+from fedlora.data.rows import Rows, as_rows
 from fedlora.data.sources import DATA_SOURCES, SCHEMAS, column
 
 if TYPE_CHECKING:
-    import datasets
-
     from fedlora.config import DataConfig
 
 
@@ -50,7 +49,7 @@ class Split(NamedTuple):
 
 
 @lru_cache(maxsize=8)
-def examples(cfg: DataConfig, seed: int) -> datasets.Dataset:
+def examples(cfg: DataConfig, seed: int) -> Rows:
     """Every example of ``cfg.source`` in the schema of ``cfg.task`` (cached)."""
     source = DATA_SOURCES.get(cfg.source)
     if cfg.task not in source.tasks:
@@ -58,17 +57,17 @@ def examples(cfg: DataConfig, seed: int) -> datasets.Dataset:
             f"data.source={cfg.source!r} produces {list(source.tasks)} data, not "
             f"data.task={cfg.task!r}"
         )
-    ds = source.load(cfg, seed)
+    ds = as_rows(source.load(cfg, seed))
     _check_schema(ds, cfg.task, f"data.source={cfg.source!r}")
     return ds
 
 
 @lru_cache(maxsize=8)
-def _override_examples(path: str, cfg: DataConfig) -> datasets.Dataset:
+def _override_examples(path: str, cfg: DataConfig) -> Rows:
     return load_file(path, cfg)
 
 
-def _check_schema(ds: datasets.Dataset, task: str, origin: str) -> None:
+def _check_schema(ds: Rows, task: str, origin: str) -> None:
     if list(ds.column_names) != list(SCHEMAS[task]):
         raise ValueError(
             f"{origin} returned columns {ds.column_names}; {task} rows must be "
@@ -147,7 +146,7 @@ def partition_indices(
     return tuple(tuple(int(i) for i in part) for part in parts)
 
 
-def load_heldout(cfg: DataConfig, *, seed: int) -> datasets.Dataset:
+def load_heldout(cfg: DataConfig, *, seed: int) -> Rows:
     """Held-out rows for centralised evaluation.
 
     Parameters
@@ -159,7 +158,7 @@ def load_heldout(cfg: DataConfig, *, seed: int) -> datasets.Dataset:
 
     Returns
     -------
-    datasets.Dataset
+    Rows
         ``min(round(n * test_fraction), max_test_examples)`` rows in the task schema,
         disjoint from every partition; may be empty when ``test_fraction`` is 0.
         With ``test_path``: that file's rows (a seeded sample of
@@ -183,7 +182,7 @@ def load_partition(
     partition_id: int,
     num_partitions: int,
     path_override: str = "",
-) -> datasets.Dataset:
+) -> Rows:
     """Training rows of one client.
 
     Parameters
@@ -203,7 +202,7 @@ def load_partition(
 
     Returns
     -------
-    datasets.Dataset
+    Rows
         The partition's rows in the task schema, never empty.
     """
     if path_override:

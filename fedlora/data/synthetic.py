@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import datasets
+from fedlora.data.rows import Rows
 
 MIN_WORDS, MAX_WORDS = 8, 20
 MAX_CLASSES = 8
@@ -192,7 +190,7 @@ def make_sentence(rng: random.Random, label: int) -> str:
     return text + "."
 
 
-def generate(num_examples: int, num_classes: int, seed: int) -> datasets.Dataset:
+def generate(num_examples: int, num_classes: int, seed: int) -> Rows:
     """Generate the balanced, duplicate-free synthetic classification set.
 
     Parameters
@@ -206,12 +204,10 @@ def generate(num_examples: int, num_classes: int, seed: int) -> datasets.Dataset
 
     Returns
     -------
-    datasets.Dataset
+    Rows
         ``num_examples`` rows ``{"text": str, "label": int}``; labels are balanced
         (counts differ by at most one) and in shuffled order.
     """
-    import datasets
-
     class_names(num_classes)  # validates the range
     rng = random.Random(seed)
     labels = [i % num_classes for i in range(num_examples)]
@@ -220,7 +216,7 @@ def generate(num_examples: int, num_classes: int, seed: int) -> datasets.Dataset
     texts: list[str] = []
     for label in labels:
         texts.append(_unique_sentence(rng, label, seen))
-    return datasets.Dataset.from_dict({"text": texts, "label": labels})
+    return Rows.from_dict({"text": texts, "label": labels})
 
 
 def _unique_sentence(rng: random.Random, label: int, seen: set[str]) -> str:

@@ -25,10 +25,10 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from fedlora.data.rows import Rows
 from fedlora.data.sources import SCHEMAS, column, parse_chat_prompt
 
 if TYPE_CHECKING:
-    import datasets
     from transformers import PreTrainedTokenizerBase
 
     from fedlora.config import DataConfig
@@ -90,7 +90,7 @@ class TokenizedDataset(Dataset[dict[str, Tensor]]):
 
     Parameters
     ----------
-    ds : datasets.Dataset
+    ds : Rows
         Rows in the schema of ``cfg.task`` (``text,label`` or ``prompt,completion``).
     tokenizer : PreTrainedTokenizerBase
         Tokenizer of the model being tuned (a fast one tokenizes in batch).
@@ -105,7 +105,7 @@ class TokenizedDataset(Dataset[dict[str, Tensor]]):
     """
 
     def __init__(
-        self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+        self, ds: Rows, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
     ) -> None:
         expected = list(SCHEMAS[cfg.task])
         if not set(expected) <= set(ds.column_names):
@@ -133,7 +133,7 @@ def _long(values: Sequence[int] | int) -> Tensor:
 
 
 def _encode_classification(
-    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+    ds: Rows, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> list[dict[str, Tensor]]:
     enc = tokenizer(column(ds, "text"), truncation=True, max_length=max_length)
     return [
@@ -172,7 +172,7 @@ def chat_prompt_ids(
 
 
 def _encode_causal(
-    ds: datasets.Dataset,
+    ds: Rows,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     *,

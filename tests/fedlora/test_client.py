@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_configs import tiny_config
@@ -146,3 +151,36 @@ def test_a_site_refuses_a_base_model_other_than_the_servers() -> None:
     )
     with pytest.raises(ValueError, match="is not the server's"):
         check_base_model(wider, SiteConfig(0, 2), server)
+
+
+def test_a_client_on_built_in_data_imports_no_table_stack() -> None:
+    """A client process that trains and evaluates on the built-in sources never
+    imports HF ``datasets``, pyarrow or pandas (~90 MiB per Ray actor): the
+    sources return plain columns (``fedlora.data.rows``)."""
+    code = (
+        "import sys\n"
+        "from tiny_configs import tiny_config\n"
+        "from fedlora.cache import model_bundle\n"
+        "from fedlora.client.round import evaluate_round, train_round\n"
+        "from fedlora.client.site import SiteConfig\n"
+        "from fedlora.lora.state import adapter_state\n"
+        "for task in ('causal_lm', 'classification'):\n"
+        "    cfg = tiny_config(task, {'federation.local_steps': 2,\n"
+        "                             'train.batch_size': 4})\n"
+        "    state = adapter_state(model_bundle(cfg).model)\n"
+        "    train_round(cfg, SiteConfig(0, 2), 1, state)\n"
+        "    evaluate_round(cfg, SiteConfig(1, 2), state)\n"
+        "heavy = ('datasets', 'pyarrow', 'pandas', 'flwr_datasets')\n"
+        "print('imported:' + ','.join(m for m in heavy if m in sys.modules))\n"
+    )
+    tests = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tests.parent,
+        env={**os.environ, "PYTHONPATH": str(tests)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "imported:" in proc.stdout.splitlines(), proc.stdout

