@@ -56,6 +56,16 @@ _RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def _import_flower_cli() -> None:
+    """Import the Flower modules that staging and following a run use.
+
+    Run in a thread while the SuperLink starts: the launcher only waits then, and
+    these imports cost it about a second of CPU just before ``flwr run``.
+    """
+    import flwr.cli.utils  # noqa: F401
+    import flwr.supercore.control  # noqa: F401
+
+
 def _raise_system_exit(signum: int, _frame: FrameType | None) -> None:
     """Turn SIGTERM into ``SystemExit`` so that ``__exit__`` still cleans up."""
     raise SystemExit(128 + signum)
@@ -129,6 +139,7 @@ class LocalSimulation:
             self._sigterm_installed = True
         try:
             self._prepare()
+            threading.Thread(target=_import_flower_cli, daemon=True).start()
             if self._ray_head is not None:  # starts while the SuperLink starts
                 env = {k: v for k, v in self._env.items() if k != "RAY_ADDRESS"}
                 self._ray_head.start(self._exe("ray"), {**self._popen_kw(), "env": env})
@@ -295,12 +306,6 @@ class LocalSimulation:
         )
         # a copy of the app's FAB files: Flower would walk the in-repo .venv
         staged = stage_app(Path(app_dir), self.work_dir / "app")
-        if self._ray_head is not None:
-            try:
-                self._ray_head.wait_ready()
-            except BaseException:
-                self.stop()
-                raise
         cmd = [self._exe("flwr"), "run", str(staged), CONNECTION_NAME]
         cmd += ["--run-config", str(run_config), "--federation-config", fed]
         offset = self.superlink_log.stat().st_size if self.superlink_log.exists() else 0
@@ -360,6 +365,10 @@ class LocalSimulation:
             code = self._run_proc.wait()
             if code != 0 or not run_id:
                 return code, run_id, list(tail), ("none", "")
+            if self._ray_head is not None:
+                # submitted while the head may still be starting: the ServerApp's
+                # ray.init waits for its GCS; a head that failed is reported here
+                self._ray_head.wait_ready()
             client = control_client(self.address)
             try:
                 stream_logs(client, int(run_id), emit)

@@ -88,9 +88,12 @@ def test_quick_idle_shortens_both_waits_and_keeps_the_rest_of_time(
     monkeypatch.setattr(time, "sleep", slept.append)
     quick = supernode.QuickIdle(0.7)
     quick.sleep(3)  # the idle poll of the SuperLink
-    quick.sleep(0.5)  # a look at the SuperNode's own state
+    quick.sleep(0.5)  # a look at the SuperNode's own state: a message is handled
     quick.sleep(0.01)
-    assert slept == [0.7, supernode.QuickIdle.LOCAL_WAIT, 0.01]
+    for _ in range(6):  # idle again: soon after the message, then backing off
+        quick.sleep(3)
+    assert slept[:3] == [0.7, supernode.QuickIdle.LOCAL_WAIT, 0.01]
+    assert slept[3:] == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.7, 0.7])
     assert quick.monotonic is time.monotonic
     assert quick.time is time.time
 
