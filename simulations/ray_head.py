@@ -91,6 +91,11 @@ class PrivateRayHead:
             "--node-ip-address=127.0.0.1",
             f"--temp-dir={self.temp_dir}",
             "--include-dashboard=false",
+            # ray start's workers bind 10002, 10003, ... by default, so the
+            # drivers of two runs at once (a parallel sweep) both took 10002 and
+            # one crashed; 0 gives OS-assigned ports, as ray.init does
+            "--min-worker-port=0",
+            "--max-worker-port=0",
             "--no-monitor",
             f"--include-log-monitor={log_monitor}",
             "--disable-usage-stats",

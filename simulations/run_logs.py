@@ -23,12 +23,17 @@ if TYPE_CHECKING:
 
 def control_client(address: str) -> ControlHttpClient:
     """Return a Control API client of the insecure SuperLink at ``host:port``."""
+    import logging
+
     from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
     from flwr.supercore.control import ControlHttpClient
     from flwr.supercore.interceptors.http.runtime_version import (
         RuntimeVersionHttpInterceptor,
     )
 
+    # httpx logs every request at INFO, and Hydra's logging shows INFO on the
+    # console: one line per log chunk of the run
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return ControlHttpClient.from_server_address(
         server_address=address,
         insecure=True,

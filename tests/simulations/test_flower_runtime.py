@@ -76,7 +76,28 @@ def test_toy_app_runs_two_rounds_and_leaves_nothing_behind(tmp_path: Path) -> No
     _assert_all_dead(_ray_or_flower_pids() - before)  # nothing of ours, found or not
     log = (tmp_path / "sim" / "ray-head.log").read_text()
     assert "Ray runtime started." in log  # the private head, not ray.init's
+    # no log monitor: what the client actors printed is copied out of Ray's dir
+    kept = "".join(
+        p.read_text() for p in (tmp_path / "sim" / "client_logs").glob("worker-*")
+    )
+    assert "toy client 0 trained" in kept and "toy client 1 trained" in kept
+    assert "toy client" not in (tmp_path / "log").read_text()
     assert USER_FLWR_HOME.exists() == user_home_existed
+
+
+def test_live_client_logs_stream_into_the_run_log(tmp_path: Path) -> None:
+    """``live_client_logs`` (the launcher's verbose mode) keeps Ray's log
+    monitor: the actors' lines arrive with the run's own."""
+    run_config = _write_toml(tmp_path / "run.toml", {"num-server-rounds": 1})
+    sim = LocalSimulation(
+        work_dir=tmp_path / "sim", log=lambda _: None, live_client_logs=True
+    )
+    with sim:
+        sim.run(
+            TOYAPP, run_config=run_config, num_supernodes=2, log_file=tmp_path / "log"
+        )
+    log = (tmp_path / "log").read_text()
+    assert "toy client 0 trained" in log and "toy client 1 trained" in log
 
 
 def test_undeclared_run_config_key_fails_with_the_key_name(tmp_path: Path) -> None:

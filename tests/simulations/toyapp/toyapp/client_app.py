@@ -13,6 +13,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays = msg.content["arrays"].to_numpy_ndarrays()
     updated = ArrayRecord([a + 1.0 for a in arrays])
     pid = int(context.node_config["partition-id"])
+    print(f"toy client {pid} trained", flush=True)  # what a client prints: kept
     metrics = MetricRecord({"train_loss": float(pid), "num-examples": 10})
     content = RecordDict({"arrays": updated, "metrics": metrics})
     return Message(content=content, reply_to=msg)
