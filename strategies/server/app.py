@@ -15,7 +15,7 @@ from fedlora.lora.state import num_params
 from strategies.config import ExperimentConfig
 from strategies.registry import build_strategy
 from strategies.server.evaluator import EVAL_FIELDS, server_model
-from strategies.server.plots import plot_run
+from strategies.server.plots import plot_run, prefetch
 from strategies.server.rounds import run_federation
 from strategies.server.rundir import RunDir, config_dict, versions
 from strategies.server.table import format_table, run_columns
@@ -35,6 +35,7 @@ def resolve_output_dir(cfg: ExperimentConfig, run_id: int) -> Path:
 def main(grid: Grid, context: Context) -> None:
     """Run a federated LoRA fine-tuning job end to end."""
     started = time.perf_counter()
+    prefetch()  # matplotlib, for the plots at the end
     cfg = ExperimentConfig.from_run_config(context.run_config)
     run_dir = RunDir(resolve_output_dir(cfg, context.run_id))
     if not cfg.resume:
