@@ -109,7 +109,7 @@ class PrivateRayHead:
         """
         kw = dict(popen_kw)
         kw["env"] = {**kw.get("env", {}), "RAY_START_HOOK": START_HOOK}
-        with self.log_path.open("ab") as out:
+        with self.log_path.open("wb") as out:  # this head's output only
             self._proc = subprocess.Popen(self.command(ray_exe), stdout=out, **kw)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -124,18 +124,18 @@ class PrivateRayHead:
         if self._proc is None:
             raise RuntimeError("the Ray head was not started")
         deadline = time.monotonic() + timeout
-        while (code := self._proc.poll()) is None or READY_LINE not in self._output():
-            if code is not None:
-                raise RuntimeError(
-                    f"`ray start --head` exited with code {code}:\n"
-                    f"{file_tail(self.log_path)}\n(see {self.log_path})"
-                )
+        while (code := self._proc.poll()) is None:  # ray start returns once it runs
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"the private Ray head did not start within {timeout:.0f}s:\n"
                     f"{file_tail(self.log_path)}\n(see {self.log_path})"
                 )
             time.sleep(0.1)
+        if code != 0 or READY_LINE not in self._output():
+            raise RuntimeError(
+                f"`ray start --head` exited with code {code} without starting:\n"
+                f"{file_tail(self.log_path)}\n(see {self.log_path})"
+            )
 
     def _output(self) -> str:
         if not self.log_path.is_file():

@@ -166,3 +166,33 @@ def test_the_staged_app_is_the_fab_flwr_run_builds_from_the_checkout(
     got = contents(build_fab_from_disk(staged))
     assert got == want
     assert "fedlora/client/app.py" in got and not any(".venv" in n for n in got)
+
+
+@pytest.mark.parametrize(
+    ("script", "error"),
+    [
+        ("echo 'Ray runtime started.'", None),
+        ("echo 'Ray runtime started.'; exit 3", "exited with code 3"),
+        ("echo 'port taken'", "exited with code 0 without starting"),
+    ],
+)
+def test_the_ray_head_is_ready_only_when_ray_start_said_so_and_succeeded(
+    tmp_path: Path, script: str, error: str | None
+) -> None:
+    """``wait_ready`` trusts neither a zero exit alone nor the line alone, and
+    quotes what ``ray start`` printed when it failed."""
+    from simulations.ray_head import PrivateRayHead
+
+    fake = tmp_path / "ray"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    log = tmp_path / "ray-head.log"
+    log.write_text("Ray runtime started.\n")  # a previous head's: not this one's
+    head = PrivateRayHead(tmp_path / "r", log, live_logs=False)
+    head.start(str(fake), {"env": {}})
+    if error is None:
+        head.wait_ready(timeout=10)
+    else:
+        with pytest.raises(RuntimeError, match=error) as err:
+            head.wait_ready(timeout=10)
+        assert str(log) in str(err.value)
