@@ -26,10 +26,7 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -38,32 +35,25 @@ from typing import Any
 import psutil
 
 from simulations.flwr_cli import (
-    file_tail,
     find_free_port,
     flower_env,
+    import_flower_cli,
     log_errors,
     stage_app,
 )
 from simulations.processes import is_alive, marked_processes, signal_all, terminate
 from simulations.ray_head import PrivateRayHead
-from simulations.run_logs import control_client, final_status, stream_logs
+from simulations.run_logs import RunLog, control_client, final_status, stream_logs
+from simulations.superlink import (
+    CONNECTION_NAME,
+    superlink_command,
+    wait_healthy,
+    write_connection,
+)
 
-CONNECTION_NAME = "fedlora-local"
 MARKER_ENV = "FEDLORA_SIMULATION_ID"
 _RAY_TMPDIR_MAX_LEN = 32  # Ray adds ~68 chars for its plasma socket; limit is 107.
-_ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _import_flower_cli() -> None:
-    """Import the Flower modules that staging and following a run use.
-
-    Run in a thread while the SuperLink starts: the launcher only waits then, and
-    these imports cost it about a second of CPU just before ``flwr run``.
-    """
-    import flwr.cli.utils  # noqa: F401
-    import flwr.supercore.control  # noqa: F401
 
 
 def _raise_system_exit(signum: int, _frame: FrameType | None) -> None:
@@ -139,7 +129,7 @@ class LocalSimulation:
             self._sigterm_installed = True
         try:
             self._prepare()
-            threading.Thread(target=_import_flower_cli, daemon=True).start()
+            threading.Thread(target=import_flower_cli, daemon=True).start()
             if self._ray_head is not None:  # starts while the SuperLink starts
                 env = {k: v for k, v in self._env.items() if k != "RAY_ADDRESS"}
                 self._ray_head.start(self._exe("ray"), {**self._popen_kw(), "env": env})
@@ -215,47 +205,23 @@ class LocalSimulation:
         for attempt in range(1, attempts + 1):
             started = time.monotonic()
             self.port = find_free_port()
-            (self.flwr_home / "config.toml").write_text(
-                f'[superlink]\ndefault = "{CONNECTION_NAME}"\n\n'
-                f'[superlink.{CONNECTION_NAME}]\naddress = "{self.address}"\n'
-                "insecure = true\n",
-                encoding="utf-8",
+            write_connection(self.flwr_home, self.address)
+            cmd = superlink_command(
+                self._exe("flower-superlink"), self.port, self.superlink_log
             )
-            cmd = [self._exe("flower-superlink"), "--insecure", "--simulation"]
-            cmd += ["--isolation", "subprocess", "--host", "127.0.0.1"]
-            cmd += ["--port", str(self.port), "--log-file", str(self.superlink_log)]
-            cmd += ["--disable-runtime-dependency-installation"]
             with self.superlink_stdout.open("ab") as out:
                 self._superlink = subprocess.Popen(cmd, stdout=out, **self._popen_kw())
-            if self._wait_ready(self._superlink, last_attempt=attempt == attempts):
+            if wait_healthy(
+                self._superlink,
+                self.address,
+                timeout=self._startup_timeout,
+                stdout_log=self.superlink_stdout,
+                log_file=self.superlink_log,
+                last_attempt=attempt == attempts,
+            ):
                 secs = time.monotonic() - started
                 self._log(f"[fedlora] SuperLink ready on {self.address} in {secs:.1f}s")
                 return
-
-    def _wait_ready(self, proc: subprocess.Popen[bytes], last_attempt: bool) -> bool:
-        """Poll ``/health``; return False if ``proc`` died early and may be retried."""
-        deadline = time.monotonic() + self._startup_timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                if not last_attempt:
-                    return False
-                raise RuntimeError(
-                    f"flower-superlink exited with code {proc.returncode} at startup:"
-                    f"\n{file_tail(self.superlink_stdout)}\n"
-                    f"(see {self.superlink_stdout})"
-                )
-            try:
-                with _NO_PROXY.open(f"http://{self.address}/health", timeout=1) as res:
-                    if res.status == 200:
-                        return True
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"flower-superlink not healthy on {self.address} after "
-            f"{self._startup_timeout:.1f}s:\n{file_tail(self.superlink_stdout)}\n"
-            f"(see {self.superlink_stdout} and {self.superlink_log})"
-        )
 
     def run(
         self,
@@ -334,21 +300,8 @@ class LocalSimulation:
         start). The log and the status come from the SuperLink's Control API in
         this process (:mod:`simulations.run_logs`).
         """
-        tail: deque[str] = deque(maxlen=40)
         run_id = ""
-        if log_file is not None:
-            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        sink = Path(log_file).open("w", encoding="utf-8") if log_file else None
-
-        def emit(line: str) -> None:
-            self._log(line)
-            plain = _ANSI_RE.sub("", line)
-            tail.append(plain)
-            if sink:
-                sink.write(plain + "\n")
-                sink.flush()
-
-        try:
+        with RunLog(self._log, Path(log_file) if log_file else None) as out:
             self._run_proc = subprocess.Popen(
                 cmd,
                 stdout=subprocess.PIPE,
@@ -359,25 +312,22 @@ class LocalSimulation:
             )
             assert self._run_proc.stdout is not None
             for raw in self._run_proc.stdout:
-                emit(raw.rstrip("\n"))
-                if match := _RUN_ID_RE.search(_ANSI_RE.sub("", raw)):
+                out.emit(raw.rstrip("\n"))
+                if match := _RUN_ID_RE.search(RunLog.ANSI.sub("", raw)):
                     run_id = match.group(1)
             code = self._run_proc.wait()
             if code != 0 or not run_id:
-                return code, run_id, list(tail), ("none", "")
+                return code, run_id, list(out.tail), ("none", "")
             if self._ray_head is not None:
                 # submitted while the head may still be starting: the ServerApp's
                 # ray.init waits for its GCS; a head that failed is reported here
                 self._ray_head.wait_ready()
             client = control_client(self.address)
             try:
-                stream_logs(client, int(run_id), emit)
-                return code, run_id, list(tail), final_status(client, int(run_id))
+                stream_logs(client, int(run_id), out.emit)
+                return code, run_id, list(out.tail), final_status(client, int(run_id))
             finally:
                 client.close()
-        finally:
-            if sink:
-                sink.close()
 
     def owned_processes(self) -> list[psutil.Process]:
         """Return live processes we started (trees, env marker, Ray temp dir)."""

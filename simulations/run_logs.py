@@ -13,9 +13,12 @@ been sent (``flwr.superlink.servicer.control.control_handlers._stream_logs``).
 
 from __future__ import annotations
 
+import re
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from flwr.supercore.control import ControlHttpClient
@@ -43,6 +46,40 @@ def control_client(address: str) -> ControlHttpClient:
             RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
         ],
     )
+
+
+class RunLog:
+    """Where a run's lines go; a context manager that closes ``log_file``.
+
+    Each line goes to ``echo`` (the console), to the last 40 (quoted in errors)
+    and, without ANSI colour codes, to ``log_file``.
+    """
+
+    ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+    def __init__(self, echo: Callable[[str], object], log_file: Path | None) -> None:
+        self._echo = echo
+        self.tail: deque[str] = deque(maxlen=40)
+        self._sink: TextIO | None = None
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._sink = log_file.open("w", encoding="utf-8")
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._sink is not None:
+            self._sink.close()
+
+    def emit(self, line: str) -> None:
+        """Pass one line on to the console, the tail and the file."""
+        self._echo(line)
+        plain = self.ANSI.sub("", line)
+        self.tail.append(plain)
+        if self._sink is not None:
+            self._sink.write(plain + "\n")
+            self._sink.flush()
 
 
 class LineSplitter:
