@@ -35,11 +35,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class ModelBundle:
-    """A LoRA-wrapped model with its tokenizer and device."""
+    """A LoRA-wrapped model with its tokenizer and device.
+
+    ``initial`` is a float32 CPU copy of the adapter as built (A from the seed, B
+    zero; ``adapter_state`` keys): the run's initial global adapter, whatever
+    this process trained on ``model`` since.
+    """
 
     model: PeftModel
     tokenizer: Any
     device: torch.device
+    initial: StateDict
 
 
 _BUILDS = 0  # base models built by this process (the site worker reports it)
@@ -79,7 +85,8 @@ def _bundle(
         )
     if factors:  # the whole state: peft cannot load a trained head's absence
         load_adapter_state(model, {**adapter_state(model), **factors})
-    return ModelBundle(model, load_tokenizer(model_cfg), resolve_device(model_cfg))
+    tokenizer, device = load_tokenizer(model_cfg), resolve_device(model_cfg)
+    return ModelBundle(model, tokenizer, device, adapter_state(model))
 
 
 def pissa_location(
@@ -125,6 +132,12 @@ def model_bundle(cfg: ClientConfig, rank: int | None = None) -> ModelBundle:
     """Return the cached LoRA model for ``cfg`` (one per process and config)."""
     r = cfg.adapter.rank if rank is None else rank
     return _bundle(cfg.model, cfg.adapter, cfg.data.task, _labels(cfg), cfg.seed, r)
+
+
+def build_model_bundle(cfg: ClientConfig) -> ModelBundle:
+    """Build the LoRA model of ``cfg`` without caching it (freed after use)."""
+    args = (cfg.model, cfg.adapter, cfg.data.task, _labels(cfg), cfg.seed)
+    return _bundle.__wrapped__(*args, cfg.adapter.rank)
 
 
 def _labels(cfg: ClientConfig) -> int:

@@ -20,6 +20,10 @@ import torch
 from torch import nn
 
 _SKIP = ("lora_", "vera_lambda_", "modules_to_save", "original_module")
+# Config keys that are not the model's identity: the load dtype, the library
+# version, and ``problem_type``, which transformers sets on the first loss of a
+# sequence classifier (the same model then fingerprinted differently).
+_RUNTIME_KEYS = ("torch_dtype", "dtype", "transformers_version", "problem_type")
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -32,7 +36,7 @@ def base_fingerprint(model: nn.Module) -> str:
             for k, v in sorted(config.to_dict().items())
             if isinstance(v, (int, str, bool))
             and not k.startswith("_")
-            and k not in ("torch_dtype", "dtype", "transformers_version")
+            and k not in _RUNTIME_KEYS
         }
         digest.update(json.dumps(keep, sort_keys=True).encode())
     for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):

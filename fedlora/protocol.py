@@ -52,6 +52,12 @@ FROZEN_FINGERPRINT = "frozen-fingerprint"
 QUERY = "fedlora-query"
 QUERY_SITE = "site"
 QUERY_SHE_SENSITIVITY = "she-sensitivity"
+# A simulated client's base facts (``fedlora.base_facts``): reply records
+# ``BASE_FACTS`` (``BASE_FINGERPRINT``, and each PEFT directory file's text under
+# ``TEMPLATE_FILE`` + its name) and ``ARRAYS`` (the initial adapter, float32).
+QUERY_BASE_FACTS = "base-facts"
+BASE_FACTS = "base-facts"
+TEMPLATE_FILE = "file:"
 
 # Client -> server metric keys.
 NUM_EXAMPLES = "num-examples"

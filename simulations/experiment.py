@@ -23,7 +23,7 @@ from fedlora.config.flat import ConfigError, build_config, check_range, flatten_
 from fedlora.data.preflight import check_data_files
 from simulations.flower_runtime import LocalSimulation
 from strategies.config import ExperimentConfig
-from strategies.server.base_facts import start_precompute, stop_precompute
+from strategies.server.rundir import FINISHED_LOG
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -221,28 +221,22 @@ def run_experiment(
 ) -> None:
     """Run ``run_config`` (written from ``experiment``) on a private SuperLink.
 
-    Every process it starts is stopped on exit. A server without central
-    evaluation gets the base model's facts from a child started first, so the
-    model loads while Flower starts (``strategies.server.base_facts``).
-    ``live_client_logs`` streams the ClientApp actors' output into ``log_file``
-    as it happens; otherwise it is kept in ``work_dir/client_logs/``
-    (:mod:`simulations.ray_head`).
+    Every process it starts is stopped on exit. ``live_client_logs`` streams the
+    ClientApp actors' output into ``log_file`` as it happens; otherwise it is kept
+    in ``work_dir/client_logs/`` (:mod:`simulations.ray_head`).
     """
-    facts_child = start_precompute(experiment, Path(experiment.output_dir))
-    try:
-        with LocalSimulation(
-            work_dir=work_dir,
-            log=log,
-            ray_address=ray_address,
-            live_client_logs=live_client_logs,
-        ) as sim:
-            sim.run(
-                PROJECT_ROOT,
-                run_config=run_config,
-                num_supernodes=experiment.federation.clients,
-                cpus_per_client=cpus_per_client,
-                gpus_per_client=gpus_per_client,
-                log_file=log_file,
-            )
-    finally:
-        stop_precompute(facts_child, Path(experiment.output_dir))
+    with LocalSimulation(
+        work_dir=work_dir,
+        log=log,
+        ray_address=ray_address,
+        live_client_logs=live_client_logs,
+    ) as sim:
+        sim.run(
+            PROJECT_ROOT,
+            run_config=run_config,
+            num_supernodes=experiment.federation.clients,
+            cpus_per_client=cpus_per_client,
+            gpus_per_client=gpus_per_client,
+            log_file=log_file,
+            last_line=FINISHED_LOG,
+        )

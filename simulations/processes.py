@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterable
 
 import psutil
 
@@ -79,6 +80,18 @@ def marked_processes(
                 if child.pid not in pids and child.pid != os.getpid():
                     pids.add(child.pid)
                     found.append(child)
+    return found
+
+
+def process_trees(pids: Iterable[int]) -> dict[int, psutil.Process]:
+    """Return each live process in ``pids`` and its descendants, by pid."""
+    found: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            found.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+        except psutil.Error:
+            pass
     return found
 
 

@@ -13,6 +13,7 @@ been sent (``flwr.superlink.servicer.control.control_handlers._stream_logs``).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections import deque
@@ -102,19 +103,47 @@ class LineSplitter:
             self._partial = ""
 
 
+# ``(status, details)`` of a run left at the app's last line (:func:`stream_logs`)
+AT_LAST_LINE = ("finished:completed", "the app logged its last line")
+
+
+class _LastLine(Exception):
+    """Raised by the line callback to leave the log stream at the app's last line."""
+
+
 def stream_logs(
-    client: ControlHttpClient, run_id: int, on_line: Callable[[str], None]
-) -> None:
-    """Call ``on_line`` for each line of the run's log until the run finished."""
+    client: ControlHttpClient,
+    run_id: int,
+    on_line: Callable[[str], None],
+    until: str | None = None,
+) -> bool:
+    """Call ``on_line`` for each line of the run's log until the run finished.
+
+    With ``until``, stop after the first line that contains it (the app's own
+    last line) and return True; return False when the stream ended first.
+    """
     from flwr.proto.control_pb2 import StreamLogsRequest
 
-    lines = LineSplitter(on_line)
+    seen = [False]
+
+    def each(line: str) -> None:
+        on_line(line)
+        if until is not None and until in line:
+            seen[0] = True
+            raise _LastLine
+
+    lines = LineSplitter(each)
     request = StreamLogsRequest(run_id=run_id, after_timestamp=0.0)
     try:
         for res in client.StreamLogs(request):
             lines.feed(res.log_output)
+    except _LastLine:
+        pass
     finally:
-        lines.close()
+        if not seen[0]:  # the stream ended: a last line without its newline
+            with contextlib.suppress(_LastLine):
+                lines.close()
+    return seen[0]
 
 
 def final_status(

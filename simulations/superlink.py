@@ -11,9 +11,11 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from simulations.flwr_cli import file_tail
+from simulations.flwr_cli import file_tail, find_free_port
 
 CONNECTION_NAME = "fedlora-local"
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -84,3 +86,42 @@ def wait_healthy(
         f"flower-superlink not healthy on {address} after {timeout:.1f}s:\n"
         f"{file_tail(stdout_log)}\n(see {stdout_log} and {log_file})"
     )
+
+
+def start_superlink(
+    exe: str,
+    flwr_home: Path,
+    log_file: Path,
+    stdout_log: Path,
+    popen_kw: Mapping[str, Any],
+    timeout: float,
+    attempts: int = 3,
+) -> tuple[subprocess.Popen[bytes], int, float]:
+    """Launch ``flower-superlink`` on a free port; retry if it dies at startup.
+
+    Returns the process, its port and the seconds it took to become healthy.
+    """
+    for attempt in range(1, attempts + 1):
+        started = time.monotonic()
+        port = find_free_port()
+        address = f"127.0.0.1:{port}"
+        write_connection(flwr_home, address)
+        cmd = superlink_command(exe, port, log_file)
+        with stdout_log.open("ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, **popen_kw)
+        try:
+            healthy = wait_healthy(
+                proc,
+                address,
+                timeout=timeout,
+                stdout_log=stdout_log,
+                log_file=log_file,
+                last_attempt=attempt == attempts,
+            )
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if healthy:
+            return proc, port, time.monotonic() - started
+    raise RuntimeError(f"flower-superlink did not start in {attempts} attempts")

@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import Tensor
 
 from fedlora import protocol as proto
+from fedlora.base_facts import compute_base_facts, facts_to_content
 from fedlora.client import private_round as private
 from fedlora.client import she
 from fedlora.client.round import (
@@ -108,6 +109,8 @@ def query(msg: Message, context: Context) -> Message:
     cfg = ClientConfig.from_run_config(context.run_config)
     site = SiteConfig.from_node_config(context.node_config)
     kind = str(msg.content.config_records[proto.CONFIG].get(proto.QUERY, ""))
+    if kind == proto.QUERY_BASE_FACTS:
+        return Message(base_facts(cfg, site), reply_to=msg)
     budget = she.budget_of(site, context.run_config)
     if kind == proto.QUERY_SITE:
         info = MetricRecord(
@@ -125,9 +128,21 @@ def query(msg: Message, context: Context) -> Message:
             scores[f"{proto.SCORE_VALUES}{name}"] = sc
         return Message(RecordDict({proto.SHE_SCORES: scores}), reply_to=msg)
     raise ValueError(
-        f"unknown query {kind!r}; this client answers "
-        f"{proto.QUERY_SITE}, {proto.QUERY_SHE_SENSITIVITY}"
+        f"unknown query {kind!r}; this client answers {proto.QUERY_SITE}, "
+        f"{proto.QUERY_SHE_SENSITIVITY}, {proto.QUERY_BASE_FACTS}"
     )
+
+
+def base_facts(cfg: ClientConfig, site: SiteConfig) -> RecordDict:
+    """Return the run's base facts (``fedlora.base_facts``) for a simulated server.
+
+    They are those of the run's own config (global rank, no site overrides). A
+    site that trains that very model keeps it cached for its first round; one
+    whose rank or model path differs builds it for this reply alone.
+    """
+    own = for_site(cfg, site)
+    cached = (own.model, own.adapter) == (cfg.model, cfg.adapter)
+    return facts_to_content(compute_base_facts(cfg, cached=cached))
 
 
 def handler_for(kind: str) -> Callable[[Message, Context], Message]:

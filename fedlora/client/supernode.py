@@ -67,6 +67,8 @@ class QuickIdle(types.SimpleNamespace):
     LOCAL_WAIT = 0.1
     IDLE = 3.0  # Flower 1.41's idle sleep; a test checks the source still has it
     BURST = 0.05  # first network poll after a message was handled
+    poll: float  # the longest network poll (seconds)
+    next_poll: float  # the next idle wait (seconds)
 
     def __init__(self, poll: float) -> None:
         super().__init__(poll=poll, next_poll=poll)

@@ -17,7 +17,7 @@ from strategies.registry import build_strategy
 from strategies.server.evaluator import EVAL_FIELDS, server_model
 from strategies.server.plots import plot_run, prefetch
 from strategies.server.rounds import run_federation
-from strategies.server.rundir import RunDir, config_dict, versions
+from strategies.server.rundir import FINISHED_LOG, RunDir, config_dict, versions
 from strategies.server.table import format_table, run_columns
 
 app = ServerApp()
@@ -42,7 +42,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.write_config(cfg)
     log(INFO, "fedlora: writing the run directory to %s", run_dir.root)
     strategy = build_strategy(cfg)
-    evaluator = server_model(cfg, strategy.server_can_evaluate, run_dir.root)
+    evaluator = server_model(cfg, strategy.server_can_evaluate, grid)
     header_printed = [False]
     columns = run_columns(
         cfg.data.task, cfg.privacy.mode == "dp", cfg.train.eval_generate > 0
@@ -110,9 +110,5 @@ def main(grid: Grid, context: Context) -> None:
             "config": config_dict(cfg),
         }
     )
-    log(
-        INFO,
-        "fedlora: finished; results in %s\n%s",
-        run_dir.root,
-        format_table(result.rows),
-    )
+    log(INFO, "fedlora: the rounds:\n%s", format_table(result.rows))
+    log(INFO, "%s %s", FINISHED_LOG, run_dir.root)  # the last line: all is written

@@ -8,8 +8,9 @@ Two implementations of one interface (:class:`ServerModel`), chosen by
 - :class:`BaseFactsOnly` is used when the server does not evaluate (no held-out
   split, or a strategy whose server cannot read the merged adapter): it holds the
   base model's fingerprint, the initial adapter and the PEFT directory files,
-  computed once in a child process (``strategies.server.base_facts``), and never
-  loads the model or imports transformers and peft.
+  computed once by the simulated clients or, in a deployment, a child process
+  (``strategies.server.base_facts``), and never loads the model or imports
+  transformers and peft.
 
 Both write the same checkpoint directories (``PeftModel.from_pretrained`` loads
 them) and send the same fingerprint.
@@ -24,8 +25,10 @@ from typing import Any, Protocol
 
 from flwr.app import ConfigRecord
 from flwr.common.logger import log
+from flwr.serverapp import Grid
 
 from fedlora import protocol as proto
+from fedlora.base_facts import BaseFacts
 from fedlora.cache import (
     collator,
     heldout_dataset,
@@ -41,10 +44,9 @@ from fedlora.lora.state import StateDict, load_adapter_state
 from fedlora.train import EvalResult, evaluate
 from strategies.config import ExperimentConfig
 from strategies.server.base_facts import (
-    BaseFacts,
     base_facts_in_child,
+    facts_from_clients,
     held_out_split,
-    precomputed_facts,
     save_adapter_dir,
 )
 
@@ -82,9 +84,7 @@ class CentralEvaluator:
 
     def initial_state(self) -> StateDict:
         """Return the freshly initialised adapter (A random from the seed, B zero)."""
-        from fedlora.lora.state import adapter_state
-
-        return adapter_state(self.bundle.model)
+        return {k: v.clone() for k, v in self.bundle.initial.items()}
 
     def __call__(
         self, state: StateDict, residual: Residual | None = None
@@ -169,16 +169,21 @@ class BaseFactsOnly:
         self.cfg = cfg
 
     @classmethod
-    def from_child(
-        cls, cfg: ExperimentConfig, run_dir: Path | None = None
-    ) -> BaseFactsOnly:
-        """Use the launcher's facts in ``run_dir`` if there, else a child's."""
+    def compute(cls, cfg: ExperimentConfig, grid: Grid | None = None) -> BaseFactsOnly:
+        """Facts from the simulated clients on an in-memory ``grid``, else a child's.
+
+        In a simulation the clients load this model for round 1 anyway; a
+        deployment's server does not take its reference fingerprint from a site.
+        """
+        from flwr.superlink.grid import InMemoryGrid
+
         start = time.perf_counter()
-        run_config = flatten_config(cfg)
-        facts = precomputed_facts(run_dir, run_config) if run_dir else None
-        source = "the launcher's child process"
-        if facts is None:
-            facts, source = base_facts_in_child(run_config), "a child process"
+        if isinstance(grid, InMemoryGrid):
+            timeout = cfg.federation.round_timeout
+            facts, source = facts_from_clients(grid, cfg, timeout), "the clients"
+        else:
+            facts = base_facts_in_child(flatten_config(cfg))
+            source = "a child process"
         log(
             INFO,
             "fedlora: no central evaluation; the server holds no base model (initial "
@@ -219,15 +224,15 @@ class BaseFactsOnly:
 
 
 def server_model(
-    cfg: ExperimentConfig, server_can_evaluate: bool, run_dir: Path | None = None
+    cfg: ExperimentConfig, server_can_evaluate: bool, grid: Grid | None = None
 ) -> CentralEvaluator | BaseFactsOnly:
     """Return the model-holding evaluator if the server evaluates, else facts.
 
-    ``run_dir``: where the launcher may have precomputed the facts.
+    ``grid``: the run's grid; on a simulation's, the clients compute the facts.
     """
     if evaluates_centrally(cfg, server_can_evaluate):
         return CentralEvaluator(cfg)
-    return BaseFactsOnly.from_child(cfg, run_dir)
+    return BaseFactsOnly.compute(cfg, grid)
 
 
 EVAL_FIELDS = (

@@ -25,6 +25,10 @@ import yaml
 
 from strategies.config import ExperimentConfig
 
+# The ServerApp's last log line, once every file of the run directory is
+# written; the launcher ends a simulation there (``LocalSimulation.run``).
+FINISHED_LOG = "fedlora: finished; results in"
+
 VERSIONED = (
     "fedlora",
     "flwr",

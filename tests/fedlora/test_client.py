@@ -153,6 +153,28 @@ def test_a_site_refuses_a_base_model_other_than_the_servers() -> None:
         check_base_model(wider, SiteConfig(0, 2), server)
 
 
+def test_training_changes_neither_the_fingerprint_nor_the_initial_adapter() -> None:
+    """A classifier's first loss sets ``config.problem_type``, and training moves
+    the adapter; the base fingerprint and the bundle's initial adapter (what the
+    server and the sites compare and start from) stay those of a fresh build."""
+    from fedlora.cache import build_model_bundle
+    from fedlora.fingerprint import base_fingerprint
+
+    cfg = tiny_config(
+        "classification", {"data.num_examples": 120, "adapter.train_head": True}
+    )
+    bundle = model_bundle(cfg)
+    before = base_fingerprint(bundle.model)
+    train_round(cfg, SiteConfig(0, 2), 1, bundle.initial)
+    assert bundle.model.config.problem_type == "single_label_classification"
+    assert base_fingerprint(bundle.model) == before
+    trained = adapter_state(bundle.model)
+    assert any(not torch.equal(trained[k], v) for k, v in bundle.initial.items())
+    fresh = build_model_bundle(cfg)
+    assert base_fingerprint(fresh.model) == before
+    assert all(torch.equal(fresh.initial[k], v) for k, v in bundle.initial.items())
+
+
 def test_a_client_on_built_in_data_imports_no_table_stack() -> None:
     """A client process that trains and evaluates on the built-in sources never
     imports HF ``datasets``, pyarrow or pandas (~90 MiB per Ray actor): the

@@ -1,18 +1,26 @@
 """A server without central evaluation holds no model: its base facts (fingerprint,
-initial adapter, PEFT directory files) come from a child process and equal what the
-model-holding evaluator computes in process."""
+initial adapter, PEFT directory files) come from a child process or, in a
+simulation, from the clients, and equal what the model-holding evaluator computes
+in process."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from fake_grid import ReplyingGrid
+from flwr.app import Context, Error, Message, RecordDict
 from safetensors.torch import load_file
 from tiny_configs import tiny_config
 
+from fedlora import protocol as proto
+from fedlora.config.flat import flatten_config
 from fedlora.lora.state import PROJECTION, factor_of
+from strategies.config import ExperimentConfig
+from strategies.server.base_facts import facts_from_clients
 from strategies.server.evaluator import (
     BaseFactsOnly,
     CentralEvaluator,
@@ -75,7 +83,7 @@ def test_child_facts_equal_the_in_process_model_and_save_the_same_directory(
 ) -> None:
     cfg = CASES[task]
     here = CentralEvaluator(cfg)
-    child = BaseFactsOnly.from_child(cfg)
+    child = BaseFactsOnly.compute(cfg)
     assert child.config()["base-fingerprint"] == here.config()["base-fingerprint"]
     initial, expected = child.initial_state(), here.initial_state()
     assert set(initial) == set(expected)
@@ -124,7 +132,7 @@ def test_peft_loads_the_model_free_adapter_directory(tmp_path: Path) -> None:
     from fedlora.models import load_base_model
 
     cfg = CASES["causal_lm"]
-    child = BaseFactsOnly.from_child(cfg)
+    child = BaseFactsOnly.compute(cfg)
     state = {k: v + 0.5 for k, v in child.initial_state().items()}
     child.save(state, tmp_path / "adapter")
     base = load_base_model(cfg.model, task="causal_lm", num_labels=0, seed=cfg.seed)
@@ -152,38 +160,146 @@ def test_a_child_that_cannot_load_the_model_fails_with_its_error(
         {"model.name": str(tmp_path / "missing-model")},
     )
     with pytest.raises(RuntimeError, match="loading the base model") as err:
-        BaseFactsOnly.from_child(cfg)
+        BaseFactsOnly.compute(cfg)
     assert "missing-model" in str(err.value)  # the child's own error
 
 
-def test_the_launchers_precomputed_facts_serve_only_their_own_config(
-    tmp_path: Path,
-) -> None:
-    """``start_precompute`` (launcher) -> ``precomputed_facts`` (ServerApp): the
-    ServerApp waits for the child's lock and takes the facts only for the exact
-    run config they were computed for."""
-    from fedlora.config.flat import flatten_config
-    from strategies.server.base_facts import (
-        PRECOMPUTED,
-        precomputed_facts,
-        start_precompute,
-        stop_precompute,
-    )
+class ClientsGrid(ReplyingGrid):
+    """Hands each message to the real ClientApp in this process, serialised both
+    ways as Flower does; ``node_configs`` maps node id -> node-config."""
 
-    cfg = tiny_config("causal_lm", {"data.test_fraction": 0.0, "adapter.rank": 3})
-    assert start_precompute(CASES["causal_lm"], tmp_path) is None  # evaluates
-    child = start_precompute(cfg, tmp_path)
-    assert child is not None
-    facts = precomputed_facts(tmp_path, flatten_config(cfg))  # waits for the child
-    assert child.poll() == 0
-    assert facts is not None
-    expected = BaseFactsOnly.from_child(cfg)
-    assert facts.fingerprint == expected.facts.fingerprint
-    assert all(
-        torch.equal(facts.initial[k], v) for k, v in expected.facts.initial.items()
+    def __init__(
+        self, cfg: ExperimentConfig, node_configs: dict[int, dict[str, Any]]
+    ) -> None:
+        super().__init__()
+        self.run_config = flatten_config(cfg)
+        self.node_configs = node_configs
+        self.asked: list[int] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_configs)
+
+    def reply(self, msg: Message) -> Message:
+        from fedlora.client.app import app as client_app
+
+        node = msg.metadata.dst_node_id
+        self.asked.append(node)
+        context = Context(
+            run_id=1,
+            node_id=node,
+            node_config=self.node_configs[node],
+            state=RecordDict(),
+            run_config=self.run_config,
+        )
+        arrived = Message(
+            _wire(msg.content), dst_node_id=node, message_type=msg.metadata.message_type
+        )
+        return Message(_wire(client_app(arrived, context).content), reply_to=msg)
+
+
+def _wire(content: RecordDict) -> RecordDict:
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+    return recorddict_from_proto(recorddict_to_proto(content))
+
+
+def _nodes(cfg: ExperimentConfig) -> dict[int, dict[str, Any]]:
+    """Three sites; the first (smallest id) trains at a lower rank than the run's."""
+    low = {"partition-id": 0, "num-partitions": 3, "rank": cfg.adapter.rank - 1}
+    return {
+        7: low,
+        11: {"partition-id": 1, "num-partitions": 3},
+        13: {"partition-id": 2, "num-partitions": 3},
+    }
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_simulated_clients_send_the_facts_a_child_computes() -> None:
+    """The clients' facts equal a fresh child's bit for bit, after this process
+    trained on the cached model (the initial adapter is the copy taken at build),
+    and for a site of another rank, which builds the run's model just to answer."""
+    from fedlora.cache import model_bundle
+    from fedlora.lora.state import load_adapter_state
+
+    cfg = tiny_config(
+        "causal_lm",
+        {
+            "data.test_fraction": 0.0,
+            "adapter.rank": 3,
+            "adapter.target_modules": ("q_proj", "up_proj"),
+            "federation.clients": 3,
+            "federation.fraction_train": 1.0,
+        },
     )
-    other = flatten_config(tiny_config("causal_lm", {"data.test_fraction": 0.0}))
-    assert precomputed_facts(tmp_path, other) is None  # rank 4: not these facts
-    stop_precompute(child, tmp_path)
-    assert not (tmp_path / PRECOMPUTED).exists()
-    assert precomputed_facts(tmp_path, flatten_config(cfg)) is None
+    child = BaseFactsOnly.compute(cfg).facts
+    model = model_bundle(cfg).model  # as a client that trained before would hold it
+    load_adapter_state(model, {k: v + 1.0 for k, v in child.initial.items()})
+    grid = ClientsGrid(cfg, _nodes(cfg))
+    facts = facts_from_clients(grid, cfg, timeout=60)  # type: ignore[arg-type]
+    assert sorted(grid.asked) == [7, 11, 13]  # round 1 samples all three
+    assert facts.fingerprint == child.fingerprint
+    assert set(facts.initial) == set(child.initial)
+    assert all(torch.equal(facts.initial[k], v) for k, v in child.initial.items())
+    assert (
+        set(facts.template)
+        == set(child.template)
+        == {
+            "adapter_config.json",
+            "README.md",
+        }
+    )
+    config = _config(facts.template["adapter_config.json"].encode())
+    assert config == _config(child.template["adapter_config.json"].encode())
+    assert config["r"] == 3  # the run's rank, not the first site's
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_as_many_clients_are_asked_as_round_1_samples() -> None:
+    cfg = tiny_config(
+        "causal_lm",
+        {
+            "data.test_fraction": 0.0,
+            "federation.clients": 3,
+            "federation.fraction_train": 0.5,
+            "federation.min_clients": 2,
+        },
+    )
+    grid = ClientsGrid(cfg, _nodes(cfg))
+    facts_from_clients(grid, cfg, timeout=60)  # type: ignore[arg-type]
+    assert sorted(grid.asked) == [7, 11]  # max(min_clients, int(3 x 0.5)) = 2
+
+
+class _Altered(ClientsGrid):
+    """Node 13 answers with another fingerprint; node 11 fails."""
+
+    def __init__(self, cfg: ExperimentConfig, fail: bool) -> None:
+        super().__init__(cfg, _nodes(cfg))
+        self.fail = fail
+
+    def reply(self, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        if self.fail and node == 11:
+            return Message(
+                Error(code=0, reason="no space left on device"), reply_to=msg
+            )
+        reply = super().reply(msg)
+        if node == 13:
+            reply.content.config_records[proto.BASE_FACTS][proto.BASE_FINGERPRINT] = (
+                "0" * 16
+            )
+        return reply
+
+
+@pytest.mark.parametrize("fail", [False, True])
+@pytest.mark.usefixtures("flower_task_identity")
+def test_clients_that_disagree_or_fail_stop_the_server_with_the_reason(
+    fail: bool,
+) -> None:
+    cfg = tiny_config(
+        "causal_lm",
+        {"data.test_fraction": 0.0, "federation.clients": 3},
+    )
+    grid = _Altered(cfg, fail)
+    expected = r"node 11\).*no space left on device" if fail else "nodes 7 and 13"
+    with pytest.raises(RuntimeError, match=expected):
+        facts_from_clients(grid, cfg, timeout=60)  # type: ignore[arg-type]
