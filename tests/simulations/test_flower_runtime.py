@@ -120,6 +120,58 @@ def test_a_crashed_server_app_fails_the_run_with_its_error(tmp_path: Path) -> No
     assert "toy ServerApp asked to crash" in str(err.value)
 
 
+def test_a_run_ends_at_the_apps_last_line(tmp_path: Path) -> None:
+    """With ``last_line`` the run is complete once the app logged it: the
+    ServerApp, which lingers for 10 minutes after it, is killed with everything
+    else instead of being waited for."""
+    import time
+
+    before = _ray_or_flower_pids()
+    out_file = tmp_path / "result.json"
+    values = {"out-file": str(out_file), "num-server-rounds": 1, "linger": 600.0}
+    run_config = _write_toml(tmp_path / "run.toml", values)
+    start = time.monotonic()
+    with LocalSimulation(work_dir=tmp_path / "sim", log=lambda _: None) as sim:
+        code = sim.run(
+            TOYAPP,
+            run_config=run_config,
+            num_supernodes=2,
+            log_file=tmp_path / "log",
+            last_line="toy: finished",
+        )
+        assert not sim.owned_processes()  # stopped at once, inside the block
+    assert time.monotonic() - start < 300  # far from the 600 s linger
+    assert code == 0
+    assert json.loads(out_file.read_text())["rounds"] == [1]
+    assert (tmp_path / "log").read_text().rstrip().endswith("toy: finished")
+    _assert_all_dead(_ray_or_flower_pids() - before)
+
+
+def test_the_log_stream_stops_at_the_last_line() -> None:
+    """``stream_logs(until=...)`` leaves the stream at the line that holds it,
+    even when the line is split across chunks, and reads no further."""
+    from types import SimpleNamespace
+
+    from simulations.run_logs import stream_logs
+
+    chunks = ["INFO : a\nINFO : all ", "done here\nINFO : after\n", "never"]
+    read: list[str] = []
+
+    def responses(_request: object) -> object:
+        for chunk in chunks:
+            read.append(chunk)
+            yield SimpleNamespace(log_output=chunk)
+
+    client = SimpleNamespace(StreamLogs=responses)
+    lines: list[str] = []
+    assert stream_logs(client, 1, lines.append, until="all done")  # type: ignore[arg-type]
+    assert lines == ["INFO : a", "INFO : all done here"]
+    assert read == chunks[:2]
+    lines.clear()
+    assert not stream_logs(client, 1, lines.append, until="missing")  # type: ignore[arg-type]
+    assert lines == ["INFO : a", "INFO : all done here", "INFO : after", "never"]
+
+
 def test_log_lines_are_whole_across_chunks() -> None:
     """The SuperLink sends the log in chunks that may split a line."""
     from simulations.run_logs import LineSplitter

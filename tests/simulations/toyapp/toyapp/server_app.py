@@ -1,10 +1,13 @@
 """Toy ServerApp: FedAvg over a tiny ArrayRecord, writes a JSON result."""
 
 import json
+import time
+from logging import INFO
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -32,3 +35,5 @@ def main(grid: Grid, context: Context) -> None:
     }
     if out_file:
         Path(out_file).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    log(INFO, "toy: finished")  # the app's last line (LocalSimulation.run)
+    time.sleep(float(context.run_config.get("linger", 0.0)))
