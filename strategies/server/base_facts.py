@@ -106,31 +106,21 @@ def base_facts_in_child(run_config: Mapping[str, Any]) -> BaseFacts:
         return read_facts(Path(tmp) / "out")
 
 
-def facts_from_clients(grid: Grid, cfg: Any, timeout: float | None) -> BaseFacts:
-    """Ask simulated clients for the base facts of ``cfg`` (an ``ExperimentConfig``).
+def ask_clients(grid: Grid, cfg: Any) -> set[str]:
+    """Push the base-facts query of ``cfg`` (an ``ExperimentConfig``); return ids.
 
     As many nodes are asked as round 1 samples (``federation.fraction_train``, at
     least ``federation.min_clients``), so the simulation engine hands the queries
-    to as many client processes, which all load the model before round 1. Every
-    answer must be the same, bit for bit.
-
-    Raises
-    ------
-    RuntimeError
-        If a client fails (e.g. the model cannot be loaded; its error is quoted),
-        none answers within ``timeout`` seconds, or two clients disagree.
+    to as many client processes, which all load the model before round 1.
     """
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     from fedlora import protocol as proto
-    from fedlora.base_facts import facts_from_content
-    from strategies.server.exchange import send_and_receive
+    from strategies.server.exchange import push
 
     nodes = sorted(grid.get_node_ids())
     fed = cfg.federation
-    count = min(
-        len(nodes), max(1, fed.min_clients, int(len(nodes) * fed.fraction_train))
-    )
+    sampled = max(1, fed.min_clients, int(len(nodes) * fed.fraction_train))
     question = ConfigRecord({proto.QUERY: proto.QUERY_BASE_FACTS})
     messages = [
         Message(
@@ -138,10 +128,31 @@ def facts_from_clients(grid: Grid, cfg: Any, timeout: float | None) -> BaseFacts
             dst_node_id=node,
             message_type=MessageType.QUERY,
         )
-        for node in nodes[:count]
+        for node in nodes[: min(len(nodes), sampled)]
     ]
-    answers: list[tuple[int, BaseFacts]] = []
-    for reply in send_and_receive(grid, messages, timeout):
+    return push(grid, messages)
+
+
+def clients_answer(
+    grid: Grid, pending: set[str], timeout: float | None, own: str = ""
+) -> BaseFacts:
+    """Collect the answers to :func:`ask_clients`; they must all be the same.
+
+    ``own``: the fingerprint of the server's own model, if it holds one; every
+    answer must have it too (the initial adapters are not compared with the
+    server's: a client on another device draws them from another generator).
+
+    Raises
+    ------
+    RuntimeError
+        If a client fails (e.g. the model cannot be loaded; its error is quoted),
+        none answers within ``timeout`` seconds, or two answers disagree.
+    """
+    from fedlora.base_facts import facts_from_content
+    from strategies.server.exchange import receive
+
+    answers: list[tuple[str, BaseFacts]] = []
+    for reply in receive(grid, pending, timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             raise RuntimeError(
@@ -149,7 +160,7 @@ def facts_from_clients(grid: Grid, cfg: Any, timeout: float | None) -> BaseFacts
                 f"the server's initial adapter and fingerprint: {reply.error.reason}"
             )
         try:
-            answers.append((node, facts_from_content(reply.content)))
+            answers.append((f"node {node}", facts_from_content(reply.content)))
         except ValueError as err:
             reason = f"node {node}: malformed base-facts reply: {err}"
             raise RuntimeError(reason) from err
@@ -158,16 +169,30 @@ def facts_from_clients(grid: Grid, cfg: Any, timeout: float | None) -> BaseFacts
             f"no simulated client answered the base-facts query within {timeout} s "
             "(federation.round_timeout)"
         )
-    first_node, facts = answers[0]
-    for node, other in answers[1:]:
+    first, facts = answers[0]
+    if own and facts.fingerprint != own:
+        raise RuntimeError(
+            f"{first} built another base model than the server's (fingerprint "
+            f"{facts.fingerprint}, the server's {own}): every process of a "
+            "simulation must run the same code, library versions and model files"
+        )
+    for who, other in answers[1:]:
         if not same_facts(facts, other):
             raise RuntimeError(
-                f"simulated clients on nodes {first_node} and {node} built different "
-                f"base models (fingerprints {facts.fingerprint} and "
-                f"{other.fingerprint}, or different initial adapters): every client "
-                "process must run the same code, library versions and model files"
+                f"{first} and {who} built different base models (fingerprints "
+                f"{facts.fingerprint} and {other.fingerprint}, or different initial "
+                "adapters): every process of a simulation must run the same code, "
+                "library versions and model files"
             )
     return facts
+
+
+def facts_from_clients(grid: Grid, cfg: Any, timeout: float | None) -> BaseFacts:
+    """Ask simulated clients for the base facts of ``cfg`` and return their answer.
+
+    :func:`ask_clients`, then :func:`clients_answer`.
+    """
+    return clients_answer(grid, ask_clients(grid, cfg), timeout)
 
 
 def same_facts(a: BaseFacts, b: BaseFacts) -> bool:

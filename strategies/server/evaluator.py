@@ -44,7 +44,9 @@ from fedlora.lora.state import StateDict, load_adapter_state
 from fedlora.train import EvalResult, evaluate
 from strategies.config import ExperimentConfig
 from strategies.server.base_facts import (
+    ask_clients,
     base_facts_in_child,
+    clients_answer,
     facts_from_clients,
     held_out_split,
     save_adapter_dir,
@@ -170,15 +172,14 @@ class BaseFactsOnly:
 
     @classmethod
     def compute(cls, cfg: ExperimentConfig, grid: Grid | None = None) -> BaseFactsOnly:
-        """Facts from the simulated clients on an in-memory ``grid``, else a child's.
+        """Facts from the clients of a simulation's ``grid``, else (None) a child's.
 
         In a simulation the clients load this model for round 1 anyway; a
-        deployment's server does not take its reference fingerprint from a site.
+        deployment's server does not take its reference fingerprint from a site
+        (``server_model`` passes its grid only in a simulation).
         """
-        from flwr.superlink.grid import InMemoryGrid
-
         start = time.perf_counter()
-        if isinstance(grid, InMemoryGrid):
+        if grid is not None:  # a simulation's (``server_model``)
             timeout = cfg.federation.round_timeout
             facts, source = facts_from_clients(grid, cfg, timeout), "the clients"
         else:
@@ -228,11 +229,27 @@ def server_model(
 ) -> CentralEvaluator | BaseFactsOnly:
     """Return the model-holding evaluator if the server evaluates, else facts.
 
-    ``grid``: the run's grid; on a simulation's, the clients compute the facts.
+    ``grid``: the run's grid. On a simulation's the clients compute the facts
+    or, if the server evaluates, load their model while it loads its own (and
+    must agree with its fingerprint).
     """
-    if evaluates_centrally(cfg, server_can_evaluate):
+    simulated = grid is not None and in_simulation(grid)
+    if not evaluates_centrally(cfg, server_can_evaluate):
+        return BaseFactsOnly.compute(cfg, grid if simulated else None)
+    if grid is None or not simulated:
         return CentralEvaluator(cfg)
-    return BaseFactsOnly.compute(cfg, grid)
+    asked = ask_clients(grid, cfg)  # the clients load their model meanwhile
+    evaluator = CentralEvaluator(cfg)
+    timeout = cfg.federation.round_timeout
+    clients_answer(grid, asked, timeout, own=evaluator.fingerprint)
+    return evaluator
+
+
+def in_simulation(grid: Grid) -> bool:
+    """Whether ``grid`` is a simulation's (Flower's in-memory grid)."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
 
 
 EVAL_FIELDS = (

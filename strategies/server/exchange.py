@@ -67,6 +67,14 @@ def send_and_receive(
     messages' ``group_id`` where unset: SuperNodes log it, and a site can tell
     which round a message belongs to.
     """
+    pending = push(grid, messages, round_)
+    return receive(grid, pending, timeout, poll)
+
+
+def push(
+    grid: Grid, messages: Iterable[Message], round_: int | None = None
+) -> set[str]:
+    """Push ``messages`` (see :func:`send_and_receive`); return their ids."""
     from flwr.superlink.grid.http_grid import HttpGrid
 
     messages = list(messages)
@@ -77,7 +85,14 @@ def send_and_receive(
     if isinstance(grid, HttpGrid):  # a deployment (simulations move no objects)
         quick_retries()
         messages = [_packed(m) for m in messages]
-    pending = set(grid.push_messages(messages))
+    return set(grid.push_messages(messages))
+
+
+def receive(
+    grid: Grid, pending: set[str], timeout: float | None, poll: float = POLL_SECONDS
+) -> list[Message]:
+    """Pull the replies to the pushed ``pending`` ids (see :func:`send_and_receive`)."""
+    pending = set(pending)
     end = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     while pending:

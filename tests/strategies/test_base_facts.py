@@ -290,6 +290,21 @@ class _Altered(ClientsGrid):
         return reply
 
 
+@pytest.mark.usefixtures("flower_task_identity")
+def test_clients_with_another_model_than_the_servers_stop_it() -> None:
+    """A server that evaluates asks the clients too (they load their model while
+    it loads its own) and refuses one whose fingerprint is not its own."""
+    from strategies.server.base_facts import ask_clients, clients_answer
+
+    cfg = tiny_config("causal_lm", {"federation.clients": 3})
+    own = CentralEvaluator(cfg).fingerprint
+    grid = ClientsGrid(cfg, _nodes(cfg))
+    answer = clients_answer(grid, ask_clients(grid, cfg), 60, own=own)  # type: ignore[arg-type]
+    assert answer.fingerprint == own
+    with pytest.raises(RuntimeError, match="another base model than the server's"):
+        clients_answer(grid, ask_clients(grid, cfg), 60, own="0" * 16)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("fail", [False, True])
 @pytest.mark.usefixtures("flower_task_identity")
 def test_clients_that_disagree_or_fail_stop_the_server_with_the_reason(
@@ -300,6 +315,6 @@ def test_clients_that_disagree_or_fail_stop_the_server_with_the_reason(
         {"data.test_fraction": 0.0, "federation.clients": 3},
     )
     grid = _Altered(cfg, fail)
-    expected = r"node 11\).*no space left on device" if fail else "nodes 7 and 13"
+    expected = r"node 11\).*no space left on device" if fail else "node 7 and node 13"
     with pytest.raises(RuntimeError, match=expected):
         facts_from_clients(grid, cfg, timeout=60)  # type: ignore[arg-type]
