@@ -111,7 +111,9 @@ def ask_clients(grid: Grid, cfg: Any) -> set[str]:
 
     As many nodes are asked as round 1 samples (``federation.fraction_train``, at
     least ``federation.min_clients``), so the simulation engine hands the queries
-    to as many client processes, which all load the model before round 1.
+    to as many client processes, which all load the model before round 1; at
+    most one per CPU of this machine (no more actors run here), so a large
+    federation does not send an adapter per client twice.
     """
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
@@ -128,7 +130,7 @@ def ask_clients(grid: Grid, cfg: Any) -> set[str]:
             dst_node_id=node,
             message_type=MessageType.QUERY,
         )
-        for node in nodes[: min(len(nodes), sampled)]
+        for node in nodes[: min(len(nodes), sampled, os.cpu_count() or 1)]
     ]
     return push(grid, messages)
 

@@ -214,7 +214,9 @@ def _nodes(cfg: ExperimentConfig) -> dict[int, dict[str, Any]]:
 
 
 @pytest.mark.usefixtures("flower_task_identity")
-def test_simulated_clients_send_the_facts_a_child_computes() -> None:
+def test_simulated_clients_send_the_facts_a_child_computes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The clients' facts equal a fresh child's bit for bit, after this process
     trained on the cached model (the initial adapter is the copy taken at build),
     and for a site of another rank, which builds the run's model just to answer."""
@@ -231,6 +233,7 @@ def test_simulated_clients_send_the_facts_a_child_computes() -> None:
             "federation.fraction_train": 1.0,
         },
     )
+    monkeypatch.setattr("os.cpu_count", lambda: 8)  # room for three actors
     child = BaseFactsOnly.compute(cfg).facts
     model = model_bundle(cfg).model  # as a client that trained before would hold it
     load_adapter_state(model, {k: v + 1.0 for k, v in child.initial.items()})
@@ -254,7 +257,9 @@ def test_simulated_clients_send_the_facts_a_child_computes() -> None:
 
 
 @pytest.mark.usefixtures("flower_task_identity")
-def test_as_many_clients_are_asked_as_round_1_samples() -> None:
+def test_as_many_clients_are_asked_as_round_1_samples(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     cfg = tiny_config(
         "causal_lm",
         {
@@ -264,9 +269,14 @@ def test_as_many_clients_are_asked_as_round_1_samples() -> None:
             "federation.min_clients": 2,
         },
     )
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
     grid = ClientsGrid(cfg, _nodes(cfg))
     facts_from_clients(grid, cfg, timeout=60)  # type: ignore[arg-type]
     assert sorted(grid.asked) == [7, 11]  # max(min_clients, int(3 x 0.5)) = 2
+    monkeypatch.setattr("os.cpu_count", lambda: 1)  # one actor at most here
+    grid = ClientsGrid(cfg, _nodes(cfg))
+    facts_from_clients(grid, cfg, timeout=60)  # type: ignore[arg-type]
+    assert grid.asked == [7]
 
 
 class _Altered(ClientsGrid):
@@ -308,8 +318,9 @@ def test_clients_with_another_model_than_the_servers_stop_it() -> None:
 @pytest.mark.parametrize("fail", [False, True])
 @pytest.mark.usefixtures("flower_task_identity")
 def test_clients_that_disagree_or_fail_stop_the_server_with_the_reason(
-    fail: bool,
+    fail: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 8)  # all three nodes are asked
     cfg = tiny_config(
         "causal_lm",
         {"data.test_fraction": 0.0, "federation.clients": 3},
