@@ -151,5 +151,5 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answer the server's questions about this site (rank, HE budget, scores)."""
+    """Answer the server's questions (rank, HE budget, scores, base facts)."""
     return _dispatch("query", msg, context)

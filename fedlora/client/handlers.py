@@ -105,7 +105,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def query(msg: Message, context: Context) -> Message:
-    """Answer the server's questions about this site (rank, HE budget, scores)."""
+    """Answer the server's questions (rank, HE budget, scores, base facts)."""
     cfg = ClientConfig.from_run_config(context.run_config)
     site = SiteConfig.from_node_config(context.node_config)
     kind = str(msg.content.config_records[proto.CONFIG].get(proto.QUERY, ""))

@@ -73,7 +73,8 @@ class LocalRayCluster:
         time.sleep(3.0)  # the worker node registers with the head
 
     def raylets(self) -> list[psutil.Process]:
-        return [p for p in self.processes() if "raylet" in _cmdline(p)]
+        """The raylet daemons (a worker's command line names its raylet too)."""
+        return [p for p in self.processes() if _name(p) == "raylet"]
 
     def processes(self) -> list[psutil.Process]:
         """The cluster's processes: marked, and their descendants (Ray's agents
@@ -87,6 +88,13 @@ class LocalRayCluster:
             terminate(procs, 5.0)
         for node in self.nodes:
             node.wait(timeout=30)
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return str(proc.name())
+    except psutil.Error:
+        return ""
 
 
 def _cmdline(proc: psutil.Process) -> str:
