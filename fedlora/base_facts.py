@@ -64,7 +64,7 @@ def compute_base_facts(cfg: ClientConfig, *, cached: bool = True) -> BaseFacts:
     change it.
     """
     from fedlora.cache import build_model_bundle, model_bundle
-    from fedlora.fingerprint import base_fingerprint
+    from fedlora.fingerprint import model_fingerprint
 
     bundle = model_bundle(cfg) if cached else build_model_bundle(cfg)
     model = bundle.model
@@ -76,7 +76,7 @@ def compute_base_facts(cfg: ClientConfig, *, cached: bool = True) -> BaseFacts:
             if (Path(tmp) / name).exists()
         }
     initial = {k: v.clone() for k, v in bundle.initial.items()}
-    return BaseFacts(base_fingerprint(model), initial, template)
+    return BaseFacts(model_fingerprint(model), initial, template)
 
 
 def facts_to_content(facts: BaseFacts) -> RecordDict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 
 import torch
 from torch import nn
@@ -47,3 +48,21 @@ def base_fingerprint(model: nn.Module) -> str:
             values = param.detach().to("cpu", torch.bfloat16).contiguous()
             digest.update(values.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+# Per model object (weak: a dropped model's entry goes with it, so a new model
+# that happens to reuse a freed object's id never inherits its fingerprint).
+_FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """:func:`base_fingerprint` of ``model``, computed once per model object.
+
+    The base is frozen, so a process that fingerprints the same model again (a
+    client answering the server's base-facts query, then checking the server's
+    fingerprint in its first round) reuses the hash of every base tensor.
+    """
+    found = _FINGERPRINTS.get(model)
+    if found is None:
+        found = _FINGERPRINTS[model] = base_fingerprint(model)
+    return found

@@ -9,7 +9,6 @@ client's own data.
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -257,23 +256,13 @@ def column_scores_for_site(
     return sensitivity(state, norms, budget)
 
 
-# Per model object (weak: a dropped model's entry goes with it, so a new model
-# that happens to reuse a freed object's id never inherits its fingerprint).
-_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, str] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def check_base_model(cfg: ClientConfig, site: SiteConfig, expected: str) -> None:
     """Refuse to train or evaluate on a base model other than the server's."""
     if not expected:
         return
-    from fedlora.fingerprint import base_fingerprint
+    from fedlora.fingerprint import model_fingerprint
 
-    model = model_bundle(for_site(cfg, site)).model
-    local = _FINGERPRINTS.get(model)
-    if local is None:
-        local = _FINGERPRINTS[model] = base_fingerprint(model)
+    local = model_fingerprint(model_bundle(for_site(cfg, site)).model)
     if local != expected:
         raise ValueError(
             f"this site's base model (fingerprint {local}) is not the server's "
